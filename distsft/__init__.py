@@ -1,0 +1,3 @@
+"""distsft: distributed LoRA/QLoRA supervised fine-tuning."""
+
+__version__ = "0.1.0"

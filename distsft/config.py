@@ -1,0 +1,449 @@
+"""Typed run configuration: nested dataclasses, YAML run files, dotted command-line overrides.
+
+    accelerate launch distsft/train.py --config launch/configs/demo.yaml train.learning_rate=1e-4
+
+Every setting lives in exactly one section below, with its default and a docstring. Where a setting
+means what a field of HF `TrainingArguments` / TRL `SFTConfig` means, it carries that field's name.
+Unknown keys and invalid values raise `ConfigError`, whose message starts with the dotted key; the
+command line turns it into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the run configuration. `key` is the dotted path, e.g. `train.learning_rate`."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str | None = None
+    """Hub id or local directory of a pretrained causal LM (`from_pretrained`). Mutually exclusive with
+    `init_from_config`."""
+    init_from_config: str | None = "builtin:tiny-llama"
+    """A model config (a `config.json` or a directory holding one) to build with random weights; tiny
+    models for tests and the demo. `builtin:NAME` names one under `distsft/assets/`."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or directory; defaults to `name_or_path`, else the `init_from_config` directory."""
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights and compute dtype: `auto` is bfloat16 on a GPU that supports it, else float32."""
+    attn_implementation: str = "sdpa"
+    """HF attention implementation: `sdpa`, `eager`, `flex_attention`, ... ."""
+    trust_remote_code: bool = False
+    """Run model code from the hub. Off unless asked: it executes someone else's Python."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 slower)."""
+
+    def __post_init__(self):
+        if self.name_or_path is not None and self.init_from_config == "builtin:tiny-llama":
+            self.init_from_config = None  # naming a pretrained model replaces the demo default
+        _require(
+            (self.name_or_path is None) != (self.init_from_config is None),
+            "name_or_path",
+            "set exactly one of model.name_or_path (pretrained) and model.init_from_config (random init)",
+        )
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or `all-linear` (every linear layer but the LM head)."""
+    use_rslora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self):
+        _require(self.r > 0, "r", f"must be > 0, got {self.r}")
+        _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list):
+            _require(len(self.target_modules) > 0, "target_modules", "must not be empty")
+
+
+@dataclass(kw_only=True)
+class DataSourceConfig:
+    path: str
+    """A local json/jsonl/parquet/csv/arrow file or folder, a hub dataset id, or `builtin:NAME`."""
+    split: str = "train"
+    subset: str | None = None
+    """Hub dataset configuration name."""
+    revision: str | None = None
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
+    field_map: dict[str, str] = field(default_factory=dict)
+    """Rename this source's columns to the format's names, e.g. `{question: instruction}`."""
+    weight: float = 1.0
+    """Relative share of this source when several are mixed."""
+
+    def __post_init__(self):
+        _require(bool(self.path), "path", "must not be empty")
+        _require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    sources: list[DataSourceConfig] = field(
+        default_factory=lambda: [DataSourceConfig(path="builtin:gsm8k-demo")]
+    )
+    """Training datasets; several are mixed by `weight`."""
+    eval_path: str | None = None
+    """A separate eval file; else `eval_fraction` of the training rows are held out."""
+    eval_fraction: float = 0.0
+    chat_template: str = "auto"
+    """`auto` (the tokenizer's own, else chatml), `tokenizer`, `llama-3`, `chatml`, `mistral` or `alpaca`."""
+    train_on_inputs: bool = False
+    """Put prompt tokens in the loss too (default: assistant turns only)."""
+    max_seq_len: int = 512
+    length_policy: Literal["drop", "truncate_prompt", "raise"] = "drop"
+    """Rows longer than `max_seq_len`: drop them, cut the prompt from the left, or stop with an error.
+    The response is never cut."""
+    packing: bool = True
+    """Pack several documents into each `max_seq_len` slot; attention never crosses a document."""
+    strict: bool = False
+    """Stop at the first bad row instead of reporting and skipping it."""
+    max_drop_ratio: float = 0.5
+    """Fail when more than this share of the rows is rejected."""
+    cache_dir: str | None = None
+    """Where tokenized datasets are cached; default `~/.cache/distsft`."""
+    num_proc: int = 1
+
+    def __post_init__(self):
+        _require(len(self.sources) > 0, "sources", "needs at least one dataset")
+        _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _require(self.max_seq_len >= 8, "max_seq_len", f"must be >= 8, got {self.max_seq_len}")
+        _require(0.0 <= self.max_drop_ratio <= 1.0, "max_drop_ratio", "must be in [0, 1]")
+        _require(self.num_proc >= 1, "num_proc", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    output_dir: str = "outputs/demo"
+    """Checkpoints, the final adapter, logs and the resolved config go here."""
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit"] = "adamw_torch"
+    """`adamw_torch` uses the fused CUDA implementation on a GPU; `adamw_8bit` is bitsandbytes (GPU)."""
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    """Overrides `warmup_ratio` when > 0."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 runs `num_train_epochs` epochs."""
+    num_train_epochs: float = 1.0
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (0: only at the end, when there is an eval set)."""
+    seed: int = 42
+
+    def __post_init__(self):
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (use epochs) or > 0")
+        _require(self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs", "must be > 0")
+        _require(self.eval_steps >= 0, "eval_steps", f"must be >= 0, got {self.eval_steps}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_steps: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only the final adapter)."""
+    save_total_limit: int = 2
+    """Keep the newest N committed checkpoints."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint directory, or `auto` for the newest verified one under `train.output_dir`."""
+    save_merged: bool = False
+    """Also write the base model with the adapter merged in (`merge_and_unload`) to `output_dir/merged`."""
+
+    def __post_init__(self):
+        _require(self.save_steps >= 0, "save_steps", f"must be >= 0, got {self.save_steps}")
+        _require(self.save_total_limit >= 1, "save_total_limit", f"must be >= 1, got {self.save_total_limit}")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=list)
+    """Trackers besides the always-written JSONL log: `wandb`, `tensorboard` (or `none`)."""
+    run_name: str | None = None
+    wandb_project: str = "distsft"
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_notes: str | None = None
+    wandb_job_type: str = "train"
+    progress_bar: bool = True
+    peak_tflops: float | None = None
+    """Override the GPU's peak bf16 dense TFLOP/s used for MFU."""
+
+    def __post_init__(self):
+        _require(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
+        self.report_to = [r for r in self.report_to if r != "none"]
+        for r in self.report_to:
+            _require(r in ("wandb", "tensorboard"), "report_to", f"unknown tracker {r!r} (wandb, tensorboard)")
+
+
+@dataclass(kw_only=True)
+class KernelsConfig:
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    """`auto`: Triton kernels where Triton can run (a CUDA device, or TRITON_INTERPRET=1), the PyTorch
+    references elsewhere; `triton` insists; `torch` always uses the references."""
+    rms_norm: bool = True
+    rope: bool = True
+    swiglu: bool = True
+    cross_entropy: bool = True
+    """Triton cross-entropy on materialised logits (used when the fused linear cross-entropy is off)."""
+    fused_linear_cross_entropy: bool = True
+    """Never materialise the full (tokens, vocab) logits: LM head and loss in one chunked kernel."""
+    on_unsupported: Literal["error", "warn"] = "error"
+    """An architecture the patcher does not know: stop, or warn and train with the plain HF modules."""
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    timeout_minutes: float = 10.0
+    """Process-group timeout: a collective that waits longer fails the job instead of hanging it."""
+    nonfinite_loss: Literal["skip", "abort"] = "skip"
+    max_consecutive_nonfinite: int = 5
+    """Abort after this many non-finite steps in a row even when skipping."""
+    allow_global_batch_change: bool = False
+    """Allow resuming with a different global batch size (changes which samples form each step)."""
+
+    def __post_init__(self):
+        _require(self.timeout_minutes > 0, "timeout_minutes", "must be > 0")
+        _require(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (loadable with `load_config`)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a config from plain data, with checked types
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (coercing str/int where unambiguous); raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:  # try the non-str members first so "3" -> 3 for `int | str`
+            if arg is type(None) or arg is str:
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        if str in args and isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not (dataclasses.is_dataclass(item_tp)):
+            value = [value]  # `report_to=wandb` means `[wandb]`
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values by dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {_join(prefix, near[0])}?)" if near else f" (known: {', '.join(names)})"
+            raise ConfigError(_join(prefix, str(k)), "unknown key" + hint)
+        kwargs[k] = _coerce(v, hints[k], _join(prefix, k))
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in kwargs
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(_join(prefix, missing[0]), "is required")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # from __post_init__: the key is relative to this section
+        raise ConfigError(_join(prefix, e.key), e.message) from None
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4). Values are YAML scalars/lists/maps."""
+    if "=" not in arg:
+        raise ConfigError(arg, "expected an override of the form section.key=value")
+    key, raw = arg.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(key or arg, "malformed key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # an unparsable value stays a string; the type check names the key if it is wrong
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """YAML run file (optional) + dotted overrides -> a validated `Config`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"no such file: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("--config", f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _set_dotted(tree, key, value)
+    return from_dict(Config, tree)

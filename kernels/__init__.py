@@ -1,0 +1,1 @@
+"""distsft Triton kernels (installed as `distsft_kernels`)."""
