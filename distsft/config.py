@@ -10,6 +10,7 @@ command line turns it into one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -205,24 +206,37 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class LoggingConfig:
     logging_steps: int = 10
+    """Log metrics (loss, learning rate, throughput, MFU, memory) every N optimizer steps."""
     report_to: list[str] = field(default_factory=list)
     """Trackers besides the always-written JSONL log: `wandb`, `tensorboard` (or `none`)."""
     run_name: str | None = None
+    """W&B run name (display name); default: W&B picks one."""
     wandb_project: str = "distsft"
     wandb_entity: str | None = None
+    """W&B entity (user or team); default: the API key's default entity."""
     wandb_group: str | None = None
     wandb_tags: list[str] = field(default_factory=list)
     wandb_notes: str | None = None
     wandb_job_type: str = "train"
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode; default: the `WANDB_MODE` environment variable, else `online`. `offline` writes the run
+    under `output_dir/wandb/` for a later `wandb sync`, with no network and no API key."""
     progress_bar: bool = True
+    """A tqdm bar on the main process; off: one log line per logging window instead."""
     peak_tflops: float | None = None
     """Override the GPU's peak bf16 dense TFLOP/s used for MFU."""
 
     def __post_init__(self):
         _require(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
-        self.report_to = [r for r in self.report_to if r != "none"]
+        self.report_to = list(dict.fromkeys(r for r in self.report_to if r != "none"))
         for r in self.report_to:
             _require(r in ("wandb", "tensorboard"), "report_to", f"unknown tracker {r!r} (wandb, tensorboard)")
+        _require(bool(self.wandb_project), "wandb_project", "must not be empty")
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "peak_tflops",
+            f"must be > 0 (TFLOP/s per GPU), got {self.peak_tflops}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -299,16 +313,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:  # try the non-str members first so "3" -> 3 for `int | str`
-            if arg is type(None) or arg is str:
+        for arg in args:  # a value that already has one of the types stays as it is
+            if typing.get_origin(arg) is None and isinstance(value, arg) and not isinstance(value, bool):
+                return value
+        for arg in args:
+            if arg is type(None):
                 continue
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        if str in args and isinstance(value, str):
-            return value
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -1,0 +1,323 @@
+"""distsft: LoRA supervised fine-tuning, one loop for every mode.
+
+    accelerate launch distsft/train.py                                  # the embedded demo
+    accelerate launch distsft/train.py --config launch/configs/x.yaml train.learning_rate=1e-4
+    python -c "import distsft; distsft.train('launch/configs/x.yaml')"  # the Python API
+
+`main(cfg)` reads top to bottom: accelerator, model, data, optimizer and schedule, prepare, resume,
+the loop, export. Everything else is a function in a sibling module taking the sub-config it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # `accelerate launch distsft/train.py` runs this file as a script, and Python put distsft/ itself
+    # first on sys.path, where a sibling named like a stdlib module would shadow it. Import the package
+    # as a package instead: installed, or else from the checkout (appended last, so that our `kernels/`
+    # folder cannot shadow the PyPI `kernels` package).
+    import importlib.util
+
+    _pkg_dir = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _pkg_dir]
+    if importlib.util.find_spec("distsft") is None:
+        sys.path.append(str(_pkg_dir.parent))
+
+import torch
+from transformers.trainer_utils import TrainOutput
+
+from distsft.checkpoint import find_resume_checkpoint, load_checkpoint, rotate, save_checkpoint
+from distsft.config import Config, ConfigError, from_dict, load_config
+from distsft.data import GlobalBatchSampler, build_datasets, collate, document_attention_mask
+from distsft.loss import backward_scale, count_targets
+from distsft.model import build_model, load_tokenizer, trainable_parameter_count
+from distsft.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger("distsft")
+
+
+def build_accelerator(cfg: Config):
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
+    # Gradient accumulation is ours (loss.py): accelerate must not divide the loss by it again.
+    return Accelerator(gradient_accumulation_steps=1, kwargs_handlers=[timeout])
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """RNG policy: every optimizer step reseeds from (seed, step, rank), so dropout masks after a resume
+    are those of the uninterrupted run, and no RNG state needs saving."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool, dtype: torch.dtype) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if packed:  # several documents per row: causal and block-diagonal
+        out["attention_mask"] = document_attention_mask(out["position_ids"], dtype)
+    return out
+
+
+def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch.dtype) -> float:
+    """Token-weighted eval loss over the whole eval set. Every rank runs the same number of forwards
+    (ZeRO-3 forwards are collectives); a rank with no samples left feeds a fully-masked batch."""
+    rank, world, bs = accelerator.process_index, accelerator.num_processes, cfg.train.per_device_eval_batch_size
+    mine = list(range(rank, len(dataset), world))
+    n_batches = math.ceil(len(dataset) / (world * bs))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    model.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            idx = mine[b * bs : (b + 1) * bs]
+            samples = [dataset[i] for i in idx] or [dataset[0]]
+            batch = collate(samples, pad_token_id=pad_id)
+            if not idx:
+                batch["target_ids"].fill_(-100)
+            batch = to_device(batch, accelerator.device, cfg.data.packing, dtype)
+            s, n = model(**batch)
+            loss_sum += s.double()
+            count += n.double()
+    model.train()
+    loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), "sum")
+    return float(loss_sum / count.clamp(min=1))
+
+
+def main(cfg: Config) -> TrainOutput:
+    accelerator = build_accelerator(cfg)
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
+    config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    torch.manual_seed(cfg.train.seed)
+
+    # Model: HF causal LM -> LoRA -> our kernels on this instance -> the module that owns head + loss.
+    device = accelerator.device
+    tokenizer = load_tokenizer(cfg.model)
+    model, kernel_report = build_model(cfg.model, cfg.lora, cfg.kernels, device, seed=cfg.train.seed)
+    compute_dtype = next(model.causal_lm.parameters()).dtype
+    trainable, total = trainable_parameter_count(model)
+    logger.info("model: %s trainable of %s parameters (%.3f%%); kernels: %s",
+                f"{trainable:,}", f"{total:,}", 100 * trainable / total, kernel_report)
+
+    # Data: tokenised once (main process first), packed, and ordered independently of the world size.
+    data = build_datasets(
+        cfg.data, tokenizer, seed=cfg.train.seed, output_dir=str(out_dir),
+        main_process_first=accelerator.main_process_first, is_main_process=is_main,
+    )
+    logger.info("data: %s", data.report.summary())
+    micro, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
+    global_batch = micro * accum * world
+    steps_per_epoch = len(data.train) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training set has {len(data.train)} samples, fewer than one global batch of {global_batch} "
+            f"(per_device_train_batch_size {micro} x gradient_accumulation_steps {accum} x {world} processes)"
+        )
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
+        cfg.train.num_train_epochs * steps_per_epoch)
+
+    optimizer = build_optimizer(model, cfg.train, device)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    # Resume: the trainable state, optimizer, schedule and the data position (a global sample count).
+    state = {"global_step": 0, "samples_consumed": 0, "tokens_consumed": 0, "skipped_steps": 0}
+    resume_path = find_resume_checkpoint(out_dir, cfg.checkpoint.resume_from_checkpoint)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        if state["global_batch_size"] != global_batch and not cfg.distributed.allow_global_batch_change:
+            raise ValueError(
+                f"{resume_path} was trained with a global batch of {state['global_batch_size']}, this run has "
+                f"{global_batch}: each step would see other samples. Keep per_device_train_batch_size x "
+                "gradient_accumulation_steps x processes constant, or set distributed.allow_global_batch_change=true"
+            )
+        logger.info("resumed from %s at step %d (%d samples consumed)",
+                    resume_path, state["global_step"], state["samples_consumed"])
+    step = state["global_step"]
+    sampler = GlobalBatchSampler(
+        len(data.train), global_batch, seed=cfg.train.seed, rank=rank, world_size=world,
+        micro_batch_size=micro, samples_consumed=state["samples_consumed"],
+    )
+    batches = iter(sampler)
+    pad_id = tokenizer.pad_token_id
+    engine_divides_by = accum if accelerator.distributed_type == "DEEPSPEED" else 1
+
+    def save(at_step: int):
+        def extras(staging: Path):
+            unwrapped.peft_model.save_pretrained(staging / "adapter")
+            cfg.save(staging / "config.yaml")
+
+        trainer_state = {**state, "global_batch_size": global_batch, "seed": cfg.train.seed,
+                         "rng_policy": "reseed(sha256(seed:step:rank)) at every optimizer step"}
+        result = save_checkpoint(
+            ckpt_root, at_step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+            trainer_state=trainer_state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
+            write_extras=extras, config_hash=config_hash,
+        )
+        if is_main:
+            rotate(ckpt_root, cfg.checkpoint.save_total_limit, protect=resume_path)
+        return result
+
+    # The loop. One iteration = one optimizer step over `accum` micro-batches on every rank.
+    progress = None
+    if is_main and cfg.logging.progress_bar:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    step_losses, window = [], {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter(), "steps": 0}
+    best_eval, nonfinite_run, eval_loss = None, 0, None
+    model.train()
+    while step < total_steps:
+        torch.manual_seed(step_seed(cfg.train.seed, step, rank))
+        micro_batches = [collate([data.train[i] for i in next(batches)], pad_token_id=pad_id)
+                         for _ in range(accum)]
+        local_tokens = count_targets(micro_batches)
+        counts = accelerator.reduce(torch.tensor([local_tokens], device=device), "sum")
+        global_tokens = int(counts.item())
+        scale = backward_scale(global_tokens, world, engine_divides_by)
+
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        for i, mb in enumerate(micro_batches):
+            mb = to_device(mb, device, cfg.data.packing, compute_dtype)
+            sync = i == accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                s, _ = model(**mb)
+                accelerator.backward(s * scale)
+            loss_sum += s.detach().float()
+
+        # Non-finite loss: decided on the global sum, so every rank takes the same branch.
+        step_loss = float(accelerator.reduce(loss_sum, "sum")) / global_tokens
+        grad_norm = accelerator.clip_grad_norm_(
+            model.parameters(), cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            optimizer.step()
+            nonfinite_run = 0
+        else:
+            state["skipped_steps"] += 1
+            nonfinite_run += 1
+            logger.warning("step %d: non-finite loss %s / grad norm %s: optimizer step skipped",
+                           step, step_loss, grad_norm)
+            if cfg.distributed.nonfinite_loss == "abort" or nonfinite_run >= cfg.distributed.max_consecutive_nonfinite:
+                raise FloatingPointError(f"step {step}: {nonfinite_run} non-finite step(s) in a row; aborting")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        state.update(global_step=step, samples_consumed=state["samples_consumed"] + global_batch,
+                     tokens_consumed=state["tokens_consumed"] + global_tokens)
+        if math.isfinite(step_loss):
+            step_losses.append(step_loss)
+            window["loss"] += step_loss
+            window["steps"] += 1
+        window["tokens"] += global_tokens
+        window["inputs"] += sum(int(mb["input_ids"].numel()) for mb in micro_batches) * world
+
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+        if step % cfg.logging.logging_steps == 0 or step == total_steps:
+            dt = time.perf_counter() - window["t0"]
+            msg = {
+                "step": step, "loss": round(window["loss"] / max(1, window["steps"]), 4),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4),
+                "tokens_per_s": round(window["inputs"] / dt, 1),
+            }
+            if device.type == "cuda":
+                msg["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            (progress.write if progress is not None else print)(json.dumps(msg)) if is_main else None
+            window = {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter(), "steps": 0}
+        if data.eval is not None and cfg.train.eval_steps and step % cfg.train.eval_steps == 0:
+            eval_loss = evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype)
+            best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
+            logger.info("step %d: eval loss %.4f", step, eval_loss)
+        if cfg.checkpoint.save_steps and (step % cfg.checkpoint.save_steps == 0 or step == total_steps):
+            save(step)
+    if progress is not None:
+        progress.close()
+
+    if data.eval is not None and (not cfg.train.eval_steps or step % cfg.train.eval_steps != 0):
+        eval_loss = evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype)
+        best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
+        logger.info("final eval loss %.4f", eval_loss)
+
+    # Export: the adapter in PEFT format plus the tokenizer; optionally the merged model.
+    accelerator.wait_for_everyone()
+    if is_main:
+        adapter_dir = out_dir / "adapter"
+        unwrapped.peft_model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        logger.info("adapter written to %s", adapter_dir)
+        if cfg.checkpoint.save_merged:
+            merged = unwrapped.peft_model.merge_and_unload()
+            merged.save_pretrained(out_dir / "merged")
+            tokenizer.save_pretrained(out_dir / "merged")
+            logger.info("merged model written to %s", out_dir / "merged")
+    accelerator.wait_for_everyone()
+
+    metrics = {
+        "train_loss": sum(step_losses) / len(step_losses) if step_losses else float("nan"),
+        "final_loss": step_losses[-1] if step_losses else float("nan"),
+        "train_tokens": state["tokens_consumed"], "skipped_steps": state["skipped_steps"],
+    }
+    if eval_loss is not None:
+        metrics.update(eval_loss=eval_loss, best_eval_loss=best_eval)
+    accelerator.end_training()
+    return TrainOutput(global_step=step, training_loss=metrics["train_loss"], metrics=metrics)
+
+
+def train(config: Config | dict | str | os.PathLike, resume_from_checkpoint: str | None = None) -> TrainOutput:
+    """Python API: a `Config`, a dict of sections, or a YAML path -> `TrainOutput`."""
+    if isinstance(config, (str, os.PathLike)):
+        cfg = load_config(config)
+    elif isinstance(config, dict):
+        cfg = from_dict(Config, config)
+    else:
+        cfg = config
+    if resume_from_checkpoint is not None:
+        cfg.checkpoint.resume_from_checkpoint = str(resume_from_checkpoint)
+    return main(cfg)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="distsft/train.py",
+        description="LoRA SFT. With no arguments, trains the embedded tiny demo.",
+        epilog="Overrides: section.key=value, e.g. train.learning_rate=1e-4 data.max_seq_len=2048",
+    )
+    parser.add_argument("--config", help="YAML run file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"distsft: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = main(cfg)
+    print(json.dumps({"global_step": out.global_step, "training_loss": out.training_loss, **out.metrics}))
+
+
+if __name__ == "__main__":
+    cli()

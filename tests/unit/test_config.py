@@ -1,0 +1,100 @@
+"""Config parsing, overrides, and every error path naming its dotted key."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from distsft.config import Config, ConfigError, load_config, parse_override
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = load_config()
+    assert cfg.model.init_from_config == "builtin:tiny-llama" and cfg.model.name_or_path is None
+    assert cfg.data.sources[0].path == "builtin:gsm8k-demo"
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"train": {"learning_rate": 1e-3, "max_steps": 7}, "lora": {"r": 4}}))
+    cfg = load_config(run, ["train.learning_rate=5e-5", "lora.target_modules=[q_proj, v_proj]",
+                            "logging.report_to=tensorboard", "data.sources=[{path: a.jsonl, weight: 2}]"])
+    assert cfg.train.learning_rate == 5e-5 and cfg.train.max_steps == 7 and cfg.lora.r == 4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.logging.report_to == ["tensorboard"]
+    assert cfg.data.sources[0].path == "a.jsonl" and cfg.data.sources[0].weight == 2.0
+
+
+def test_hf_field_names():
+    names = {f for section in ("train", "checkpoint", "logging") for f in getattr(Config(), section).__dict__}
+    for hf in ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
+               "num_train_epochs", "warmup_ratio", "lr_scheduler_type", "logging_steps", "save_steps",
+               "save_total_limit", "seed", "optim", "report_to", "output_dir"):
+        assert hf in names, hf
+
+
+def test_pretrained_model_replaces_demo_default():
+    cfg = load_config(overrides=["model.name_or_path=meta-llama/Llama-3.2-1B"])
+    assert cfg.model.init_from_config is None
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["train.max_steps=3", "data.sources=[{path: x.json, field_map: {q: instruction}}]"])
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("train.lr=1", "train.lr", "unknown key"),
+        ("no.such=1", "no", "unknown key"),
+        ("train.learning_rate=abc", "train.learning_rate", "expected a number"),
+        ("train.max_steps=1.5", "train.max_steps", "expected an integer"),
+        ("train.max_steps=0", "train.max_steps", "must be -1"),
+        ("train.learning_rate=-1", "train.learning_rate", "must be > 0"),
+        ("model.dtype=int8", "model.dtype", "expected one of"),
+        ("data.packing=maybe", "data.packing", "expected true or false"),
+        ("lora.r=0", "lora.r", "must be > 0"),
+        ("lora.dropout=1.5", "lora.dropout", "[0, 1)"),
+        ("data.sources=[{paht: x}]", "data.sources.0.paht", "did you mean data.sources.0.path"),
+        ("data.sources=[]", "data.sources", "at least one"),
+        ("logging.report_to=[mlflow]", "logging.report_to", "unknown tracker"),
+        ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size", ">= 1"),
+        ("train.learning_rate.x=1", "train.learning_rate", "expected a number"),
+        ("model.name_or_path=x", None, None),  # valid
+    ],
+)
+def test_errors_name_the_dotted_key(override, key, words):
+    if key is None:
+        load_config(overrides=[override])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert e.value.key == key
+    assert str(e.value).startswith(key + ":") and words in str(e.value)
+
+
+def test_malformed_override_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.learning_rate")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("override, key", [("train.lr=abc", "train.lr"), ("train.learning_rate=abc", "train.learning_rate"),
+                                           ("no.such=1", "no")])
+def test_cli_bad_input_exits_nonzero_with_one_line(override, key):
+    proc = subprocess.run([sys.executable, "distsft/train.py", override], capture_output=True, text=True,
+                          timeout=120, cwd=str(__import__("conftest").REPO))
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"distsft: error: {key}:"), proc.stderr
