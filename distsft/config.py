@@ -96,20 +96,34 @@ class LoraConfig:
 @dataclass(kw_only=True)
 class DataSourceConfig:
     path: str
-    """A local json/jsonl/parquet/csv/arrow file or folder, a hub dataset id, or `builtin:NAME`."""
+    """A local json/jsonl/parquet/csv/arrow file or folder, a hub dataset id, or `builtin:NAME`. From
+    Python a `datasets.Dataset` is accepted in its place: it is registered in memory and `path` becomes
+    the string `memory:<fingerprint>`, so the config stays serialisable."""
     split: str = "train"
+    """Hub split, or the split of a `DatasetDict` saved with `save_to_disk`; ignored for plain files."""
     subset: str | None = None
     """Hub dataset configuration name."""
     revision: str | None = None
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
+    """`auto` detects it from the columns: `messages`/`conversations` -> messages (OpenAI or ShareGPT),
+    `instruction`+`output` -> alpaca, `prompt`+`completion` -> prompt_completion, `text` -> text."""
     field_map: dict[str, str] = field(default_factory=dict)
     """Rename this source's columns to the format's names, e.g. `{question: instruction}`."""
     weight: float = 1.0
-    """Relative share of this source when several are mixed."""
+    """Relative share of this source when several are mixed: source i contributes
+    `round(N * weight_i / sum(weights))` training documents per epoch (N = all sources' documents),
+    sampled without replacement, repeating whole passes when upsampled."""
 
     def __post_init__(self):
-        _require(bool(self.path), "path", "must not be empty")
+        if not isinstance(self.path, str) and hasattr(self.path, "column_names"):
+            from distsft.data.sources import register_dataset  # lazy: config must not import data
+
+            self.path = register_dataset(self.path)
+        _require(isinstance(self.path, str) and bool(self.path), "path", "must be a non-empty string")
         _require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+
+
+_CHAT_TEMPLATE_NAMES = ("auto", "tokenizer", "llama-3", "chatml", "mistral", "alpaca")
 
 
 @dataclass(kw_only=True)
@@ -119,10 +133,12 @@ class DataConfig:
     )
     """Training datasets; several are mixed by `weight`."""
     eval_path: str | None = None
-    """A separate eval file; else `eval_fraction` of the training rows are held out."""
+    """A separate eval file (read with the first source's `format` and `field_map`); else `eval_fraction`
+    of each source's valid rows is held out."""
     eval_fraction: float = 0.0
     chat_template: str = "auto"
-    """`auto` (the tokenizer's own, else chatml), `tokenizer`, `llama-3`, `chatml`, `mistral` or `alpaca`."""
+    """`auto` (the tokenizer's own, else chatml), `tokenizer`, `llama-3`, `chatml`, `mistral` or `alpaca`;
+    or a path to a `.jinja` file, or a Jinja template string."""
     train_on_inputs: bool = False
     """Put prompt tokens in the loss too (default: assistant turns only)."""
     max_seq_len: int = 512
@@ -131,20 +147,41 @@ class DataConfig:
     The response is never cut."""
     packing: bool = True
     """Pack several documents into each `max_seq_len` slot; attention never crosses a document."""
+    shuffle: bool = True
+    """Visit the training samples in a fresh permutation each epoch (from the seed and the epoch);
+    off: in packing-plan order."""
     strict: bool = False
     """Stop at the first bad row instead of reporting and skipping it."""
     max_drop_ratio: float = 0.5
-    """Fail when more than this share of the rows is rejected."""
+    """Fail when more than this share of a source's rows is rejected or dropped."""
+    log_rejections: int = 5
+    """Log this many rejected rows per source in full; the rest are only counted."""
     cache_dir: str | None = None
-    """Where tokenized datasets are cached; default `~/.cache/distsft`."""
+    """Where tokenized datasets are cached; default `~/.cache/distsft/data`. `none` disables the cache."""
     num_proc: int = 1
+    """Worker processes for tokenization (the main process only)."""
+    progress_bar: bool = True
+    """Show a progress bar while tokenizing (main process only)."""
 
     def __post_init__(self):
         _require(len(self.sources) > 0, "sources", "needs at least one dataset")
         _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _require(
+            not (self.eval_path and self.eval_fraction > 0),
+            "eval_fraction",
+            "set either data.eval_path (a separate eval file) or data.eval_fraction, not both",
+        )
         _require(self.max_seq_len >= 8, "max_seq_len", f"must be >= 8, got {self.max_seq_len}")
         _require(0.0 <= self.max_drop_ratio <= 1.0, "max_drop_ratio", "must be in [0, 1]")
         _require(self.num_proc >= 1, "num_proc", "must be >= 1")
+        _require(self.log_rejections >= 0, "log_rejections", "must be >= 0")
+        t = self.chat_template
+        _require(
+            t in _CHAT_TEMPLATE_NAMES or t.endswith(".jinja") or "{{" in t or "{%" in t,
+            "chat_template",
+            f"unknown template {t!r}: use one of {', '.join(_CHAT_TEMPLATE_NAMES)}, a .jinja file or a "
+            "Jinja template string",
+        )
 
 
 @dataclass(kw_only=True)
@@ -154,7 +191,9 @@ class TrainConfig:
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
+    """Peak learning rate. The default suits the embedded demo (a randomly initialised tiny model); for LoRA
+    on a pretrained model 1e-4 to 2e-4 is typical."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -169,7 +208,8 @@ class TrainConfig:
     """Overrides `warmup_ratio` when > 0."""
     max_steps: int = -1
     """Optimizer steps to run; -1 runs `num_train_epochs` epochs."""
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 5.0
+    """Epochs when `max_steps` is -1 (the default suits the demo's 400 rows)."""
     eval_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end, when there is an eval set)."""
     seed: int = 42
@@ -388,6 +428,18 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+# Names people bring from other trainers, mapped to ours for the "did you mean" hint.
+_ALIASES = {
+    "lr": "learning_rate", "batch_size": "per_device_train_batch_size", "micro_batch_size":
+    "per_device_train_batch_size", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
+    "grad_accum": "gradient_accumulation_steps", "gradient_accumulation": "gradient_accumulation_steps",
+    "scheduler": "lr_scheduler_type", "lr_scheduler": "lr_scheduler_type", "warmup": "warmup_ratio",
+    "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm", "optimizer": "optim",
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "seq_len": "max_seq_len",
+    "sequence_len": "max_seq_len", "max_length": "max_seq_len", "model_name": "name_or_path",
+}
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values by dotted key."""
     hints = typing.get_type_hints(cls)
@@ -395,7 +447,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            near = difflib.get_close_matches(str(k), names, n=1)
+            near = [_ALIASES[k]] if _ALIASES.get(k) in names else difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {_join(prefix, near[0])}?)" if near else f" (known: {', '.join(names)})"
             raise ConfigError(_join(prefix, str(k)), "unknown key" + hint)
         kwargs[k] = _coerce(v, hints[k], _join(prefix, k))

@@ -141,7 +141,9 @@ class CausalLMWithLoss(nn.Module):
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         decoder = self.causal_lm.get_decoder()
-        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        # use_cache=False: with a cache, transformers stops separating packed documents by position_ids.
+        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False)
         return out.last_hidden_state  # (B, T, d)
 
     def forward(self, input_ids, target_ids, position_ids=None, attention_mask=None):

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -31,16 +30,30 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _pkg_dir]
     if importlib.util.find_spec("distsft") is None:
         sys.path.append(str(_pkg_dir.parent))
+    from distsft.cli import parse_args
+
+    _CLI_CONFIG = parse_args()  # a bad key or value exits here, before torch is imported
 
 import torch
+from accelerate.utils import broadcast_object_list
 from transformers.trainer_utils import TrainOutput
 
 from distsft.checkpoint import find_resume_checkpoint, load_checkpoint, rotate, save_checkpoint
-from distsft.config import Config, ConfigError, from_dict, load_config
-from distsft.data import GlobalBatchSampler, build_datasets, collate, document_attention_mask
+from distsft.config import Config, from_dict, load_config
+from distsft.data import (
+    GlobalBatchSampler,
+    build_datasets,
+    check_packing_isolation,
+    collate,
+    packed_attention_kwargs,
+)
+from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.loss import backward_scale, count_targets
 from distsft.model import build_model, load_tokenizer, trainable_parameter_count
 from distsft.optim import build_optimizer, build_scheduler
+from distsft.plots import plot_run
+from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary
+from distsft.tracking import Tracker, check_trackers, new_run_id
 
 logger = logging.getLogger("distsft")
 
@@ -63,10 +76,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool, dtype: torch.dtype) -> dict:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool, attn_impl: str,
+              dtype: torch.dtype) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if packed:  # several documents per row: causal and block-diagonal
-        out["attention_mask"] = document_attention_mask(out["position_ids"], dtype)
+    if packed:  # several documents per row: attention stays inside each one
+        out.update(packed_attention_kwargs(out["position_ids"], attn_impl, dtype))
     return out
 
 
@@ -86,7 +100,7 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
             batch = collate(samples, pad_token_id=pad_id)
             if not idx:
                 batch["target_ids"].fill_(-100)
-            batch = to_device(batch, accelerator.device, cfg.data.packing, dtype)
+            batch = to_device(batch, accelerator.device, cfg.data.packing, cfg.model.attn_implementation, dtype)
             s, n = model(**batch)
             loss_sum += s.double()
             count += n.double()
@@ -96,6 +110,7 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
 
 
 def main(cfg: Config) -> TrainOutput:
+    check_trackers(cfg.logging)  # a missing W&B login fails here, before any GPU work
     accelerator = build_accelerator(cfg)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     logging.basicConfig(
@@ -115,6 +130,12 @@ def main(cfg: Config) -> TrainOutput:
     tokenizer = load_tokenizer(cfg.model)
     model, kernel_report = build_model(cfg.model, cfg.lora, cfg.kernels, device, seed=cfg.train.seed)
     compute_dtype = next(model.causal_lm.parameters()).dtype
+    # Refuse an attention backend that lets packed documents see each other (probe batch, a few ms).
+    if cfg.data.packing:
+        check_packing_isolation(
+            model.causal_lm, attn_implementation=cfg.model.attn_implementation,
+            forward=lambda ids, pos, mask: model.logits(ids.to(device), pos.to(device),
+                                                        None if mask is None else mask.to(device)))
     trainable, total = trainable_parameter_count(model)
     logger.info("model: %s trainable of %s parameters (%.3f%%); kernels: %s",
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, kernel_report)
@@ -124,7 +145,6 @@ def main(cfg: Config) -> TrainOutput:
         cfg.data, tokenizer, seed=cfg.train.seed, output_dir=str(out_dir),
         main_process_first=accelerator.main_process_first, is_main_process=is_main,
     )
-    logger.info("data: %s", data.report.summary())
     micro, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
     global_batch = micro * accum * world
     steps_per_epoch = len(data.train) // global_batch
@@ -179,95 +199,116 @@ def main(cfg: Config) -> TrainOutput:
             rotate(ckpt_root, cfg.checkpoint.save_total_limit, protect=resume_path)
         return result
 
-    # The loop. One iteration = one optimizer step over `accum` micro-batches on every rank.
-    progress = None
-    if is_main and cfg.logging.progress_bar:
-        from tqdm.auto import tqdm
+    # Trackers: one run id for all ranks, continued from the checkpoint on resume.
+    run_id = state.get("tracker_run_id") or broadcast_object_list([new_run_id() if is_main else None])[0]
+    tracker = Tracker(cfg.logging, str(out_dir), is_main=is_main, config_dict=cfg.to_dict(), run_id=run_id,
+                      world_size=world, start_step=step if resume_path else None)
+    state["tracker_run_id"] = tracker.run_id
+    if resume_path is not None:
+        tracker.event("resumed", step, path=str(resume_path), from_world_size=state["world_size"])
+        if state["world_size"] != world:
+            tracker.event("world_size_changed", step, before=state["world_size"], after=world)
+    tracker.log({f"data/{k}": v for k, v in data.report.as_dict()["train"].items() if isinstance(v, (int, float))},
+                step)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    meter = ThroughputMeter(world_size=world, peak_flops=peak_flops(device_name, cfg.logging.peak_tflops),
+                            total_steps=total_steps, start_step=step, device=device)
+    timer = StepTimer()
+    bar = ProgressBar(total_steps, initial=step, is_main=is_main, enabled=cfg.logging.progress_bar)
+    reduce_sum = lambda t: accelerator.reduce(t, "sum")
+    hf_config, lora_params = unwrapped.causal_lm.config, trainable_params(unwrapped)
+    step_losses, window_losses, eval_losses, nonfinite_run = [], [], [], 0
+    window_real = window_slots = 0  # non-padding tokens / (rows x padded length) fed to the model
 
-        progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    step_losses, window = [], {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter(), "steps": 0}
-    best_eval, nonfinite_run, eval_loss = None, 0, None
+    # The loop. One iteration = one optimizer step over `accum` micro-batches on every rank.
     model.train()
     while step < total_steps:
         torch.manual_seed(step_seed(cfg.train.seed, step, rank))
-        micro_batches = [collate([data.train[i] for i in next(batches)], pad_token_id=pad_id)
-                         for _ in range(accum)]
-        local_tokens = count_targets(micro_batches)
-        counts = accelerator.reduce(torch.tensor([local_tokens], device=device), "sum")
-        global_tokens = int(counts.item())
+        with timer.phase("data"):
+            micro_batches = []
+            for _ in range(accum):
+                samples = [data.train[i] for i in next(batches)]
+                mb = collate(samples, pad_token_id=pad_id)
+                lengths = torch.tensor([len(x["input_ids"]) for x in samples])
+                real = torch.arange(mb["input_ids"].shape[1]) < lengths[:, None]  # (B, T) not padding
+                docs = doc_lengths_from_position_ids(mb["position_ids"], real)
+                meter.update(samples=len(docs), input_tokens=int(lengths.sum()),
+                             label_tokens=count_targets([mb]),
+                             flops=train_flops(hf_config, docs, lora_params=lora_params))
+                micro_batches.append(mb)
+                window_real, window_slots = window_real + int(lengths.sum()), window_slots + real.numel()
+        with timer.phase("comm"):
+            global_tokens = int(reduce_sum(torch.tensor([count_targets(micro_batches)], device=device)).item())
         scale = backward_scale(global_tokens, world, engine_divides_by)
 
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for i, mb in enumerate(micro_batches):
-            mb = to_device(mb, device, cfg.data.packing, compute_dtype)
-            sync = i == accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                s, _ = model(**mb)
-                accelerator.backward(s * scale)
-            loss_sum += s.detach().float()
+        with timer.phase("fwd_bwd"):
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+            for i, mb in enumerate(micro_batches):
+                mb = to_device(mb, device, cfg.data.packing, cfg.model.attn_implementation, compute_dtype)
+                with contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model):
+                    s, _ = model(**mb)
+                    accelerator.backward(s * scale)
+                loss_sum += s.detach().float()
 
-        # Non-finite loss: decided on the global sum, so every rank takes the same branch.
-        step_loss = float(accelerator.reduce(loss_sum, "sum")) / global_tokens
-        grad_norm = accelerator.clip_grad_norm_(
-            model.parameters(), cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
-            optimizer.step()
-            nonfinite_run = 0
-        else:
-            state["skipped_steps"] += 1
-            nonfinite_run += 1
-            logger.warning("step %d: non-finite loss %s / grad norm %s: optimizer step skipped",
-                           step, step_loss, grad_norm)
-            if cfg.distributed.nonfinite_loss == "abort" or nonfinite_run >= cfg.distributed.max_consecutive_nonfinite:
-                raise FloatingPointError(f"step {step}: {nonfinite_run} non-finite step(s) in a row; aborting")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with timer.phase("optimizer"):
+            # Non-finite loss or gradients: decided on global values, so every rank takes the same branch.
+            step_loss = float(reduce_sum(loss_sum)) / global_tokens
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                nonfinite_run = 0
+            else:
+                state["skipped_steps"] += 1
+                nonfinite_run += 1
+                logger.warning("step %d: non-finite loss %s / grad norm %s: optimizer step skipped",
+                               step, step_loss, grad_norm)
+                if (cfg.distributed.nonfinite_loss == "abort"
+                        or nonfinite_run >= cfg.distributed.max_consecutive_nonfinite):
+                    raise FloatingPointError(f"step {step}: {nonfinite_run} non-finite step(s) in a row")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         step += 1
         state.update(global_step=step, samples_consumed=state["samples_consumed"] + global_batch,
                      tokens_consumed=state["tokens_consumed"] + global_tokens)
         if math.isfinite(step_loss):
             step_losses.append(step_loss)
-            window["loss"] += step_loss
-            window["steps"] += 1
-        window["tokens"] += global_tokens
-        window["inputs"] += sum(int(mb["input_ids"].numel()) for mb in micro_batches) * world
+            window_losses.append(step_loss)
+        bar.update(step)
 
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if step % cfg.logging.logging_steps == 0 or step == total_steps:
-            dt = time.perf_counter() - window["t0"]
-            msg = {
-                "step": step, "loss": round(window["loss"] / max(1, window["steps"]), 4),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4),
-                "tokens_per_s": round(window["inputs"] / dt, 1),
+            metrics = {
+                "train/loss": sum(window_losses) / max(1, len(window_losses)),
+                "train/learning_rate": scheduler.get_last_lr()[0],
+                "train/grad_norm": grad_norm,
+                "train/skipped_steps": state["skipped_steps"],
+                "train/epoch": state["samples_consumed"] / (steps_per_epoch * global_batch),
+                "data/batch_fill": window_real / max(1, window_slots),
+                **meter.compute(step, timer=timer, reduce=reduce_sum),
             }
-            if device.type == "cuda":
-                msg["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            (progress.write if progress is not None else print)(json.dumps(msg)) if is_main else None
-            window = {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter(), "steps": 0}
+            window_losses, window_real, window_slots = [], 0, 0
+            tracker.log(metrics, step)
+            bar.log(step, metrics)
         if data.eval is not None and cfg.train.eval_steps and step % cfg.train.eval_steps == 0:
-            eval_loss = evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype)
-            best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
-            logger.info("step %d: eval loss %.4f", step, eval_loss)
+            eval_losses.append(evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype))
+            tracker.log({"eval/loss": eval_losses[-1]}, step)
+            bar.write(f"step {step}: eval loss {eval_losses[-1]:.4f}")
         if cfg.checkpoint.save_steps and (step % cfg.checkpoint.save_steps == 0 or step == total_steps):
-            save(step)
-    if progress is not None:
-        progress.close()
+            result = save(step)
+            if result is not None:
+                tracker.log({"checkpoint/save_s": result.seconds, "checkpoint/bytes": result.bytes}, step)
+    bar.close()
 
-    if data.eval is not None and (not cfg.train.eval_steps or step % cfg.train.eval_steps != 0):
-        eval_loss = evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype)
-        best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
-        logger.info("final eval loss %.4f", eval_loss)
+    if data.eval is not None and (not eval_losses or not cfg.train.eval_steps or step % cfg.train.eval_steps):
+        eval_losses.append(evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype))
+        tracker.log({"eval/loss": eval_losses[-1]}, step)
 
     # Export: the adapter in PEFT format plus the tokenizer; optionally the merged model.
     accelerator.wait_for_everyone()
+    adapter_dir = out_dir / "adapter"
     if is_main:
-        adapter_dir = out_dir / "adapter"
         unwrapped.peft_model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
-        logger.info("adapter written to %s", adapter_dir)
         if cfg.checkpoint.save_merged:
             merged = unwrapped.peft_model.merge_and_unload()
             merged.save_pretrained(out_dir / "merged")
@@ -275,13 +316,22 @@ def main(cfg: Config) -> TrainOutput:
             logger.info("merged model written to %s", out_dir / "merged")
     accelerator.wait_for_everyone()
 
+    summary = print_summary(
+        meter.totals(step, reduce=reduce_sum),
+        final_loss=step_losses[-1] if step_losses else None, best_loss=min(step_losses, default=None),
+        final_eval_loss=eval_losses[-1] if eval_losses else None, best_eval_loss=min(eval_losses, default=None),
+        adapter_dir=str(adapter_dir), enabled=is_main,
+    )
+    tracker.summary(summary)
+    tracker.close()
+    if is_main:
+        plot_run(out_dir / "metrics.jsonl", out_dir / "training_curves.png")
+
     metrics = {
         "train_loss": sum(step_losses) / len(step_losses) if step_losses else float("nan"),
-        "final_loss": step_losses[-1] if step_losses else float("nan"),
-        "train_tokens": state["tokens_consumed"], "skipped_steps": state["skipped_steps"],
+        **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
+        "skipped_steps": state["skipped_steps"],
     }
-    if eval_loss is not None:
-        metrics.update(eval_loss=eval_loss, best_eval_loss=best_eval)
     accelerator.end_training()
     return TrainOutput(global_step=step, training_loss=metrics["train_loss"], metrics=metrics)
 
@@ -299,25 +349,16 @@ def train(config: Config | dict | str | os.PathLike, resume_from_checkpoint: str
     return main(cfg)
 
 
-def cli(argv: list[str] | None = None) -> None:
-    import argparse
+class _CallableModule(type(sys)):
+    """`distsft.train(...)` calls `train(...)` although `distsft.train` is this module (see __init__)."""
 
-    parser = argparse.ArgumentParser(
-        prog="distsft/train.py",
-        description="LoRA SFT. With no arguments, trains the embedded tiny demo.",
-        epilog="Overrides: section.key=value, e.g. train.learning_rate=1e-4 data.max_seq_len=2048",
-    )
-    parser.add_argument("--config", help="YAML run file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, section.key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"distsft: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    out = main(cfg)
-    print(json.dumps({"global_step": out.global_step, "training_loss": out.training_loss, **out.metrics}))
+    def __call__(self, *args, **kwargs) -> TrainOutput:
+        return train(*args, **kwargs)
 
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    cli()
+    from distsft.cli import run
+
+    run(_CLI_CONFIG)

@@ -48,7 +48,8 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "override, key, words",
     [
-        ("train.lr=1", "train.lr", "unknown key"),
+        ("train.lr=1", "train.lr", "did you mean train.learning_rate"),
+        ("lora.lora_alpha=8", "lora.lora_alpha", "did you mean lora.alpha"),
         ("no.such=1", "no", "unknown key"),
         ("train.learning_rate=abc", "train.learning_rate", "expected a number"),
         ("train.max_steps=1.5", "train.max_steps", "expected an integer"),
@@ -90,8 +91,8 @@ def test_malformed_override_and_bad_files(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("override, key", [("train.lr=abc", "train.lr"), ("train.learning_rate=abc", "train.learning_rate"),
-                                           ("no.such=1", "no")])
+@pytest.mark.parametrize("override, key", [("train.lr=abc", "train.lr"), ("no.such=1", "no"),
+                                           ("train.learning_rate=abc", "train.learning_rate")])
 def test_cli_bad_input_exits_nonzero_with_one_line(override, key):
     proc = subprocess.run([sys.executable, "distsft/train.py", override], capture_output=True, text=True,
                           timeout=120, cwd=str(__import__("conftest").REPO))

@@ -1,0 +1,128 @@
+"""The single-process loop end to end on a tiny model: falling loss, adapter export, exact resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import distsft
+from distsft.config import load_config
+
+pytestmark = pytest.mark.integration
+
+
+def run_config(tmp, model_dir, out, **extra):
+    overrides = {
+        "model.init_from_config": str(model_dir), "model.tokenizer": "builtin:tiny-llama",
+        "model.dtype": "float32", "model.attn_implementation": "eager",
+        "lora.r": 8, "lora.dropout": 0.1,  # dropout: the resume must reproduce its masks too
+        "data.max_seq_len": 256, "data.cache_dir": str(tmp / "cache"),
+        "train.output_dir": str(out), "train.per_device_train_batch_size": 2,
+        "train.gradient_accumulation_steps": 2, "train.max_steps": 6, "train.learning_rate": 3e-3,
+        "train.warmup_steps": 1, "logging.logging_steps": 1, "logging.progress_bar": False,
+        "kernels.backend": "torch",
+    }
+    overrides.update(extra)
+    return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def losses(out):
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {}
+    for r in recs:
+        if "train/loss" in r:
+            by_step[r["step"]] = r["train/loss"]  # a resumed run appends; the latest record wins
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import write_tiny_llama
+
+    tmp = tmp_path_factory.mktemp("single")
+    model_dir = write_tiny_llama(tmp / "model")
+    full = tmp / "full"
+    result = distsft.train(run_config(tmp, model_dir, full, **{"checkpoint.save_steps": 3}))
+    # Resume: a copy of the full run's output cut back to its step-3 checkpoint, then trained to step 6.
+    resumed = tmp / "resumed"
+    shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    resumed_result = distsft.train(
+        run_config(tmp, model_dir, resumed, **{"checkpoint.save_steps": 3}), resume_from_checkpoint="auto"
+    )
+    return {"tmp": tmp, "model_dir": model_dir, "full": full, "result": result, "resumed": resumed,
+            "resumed_result": resumed_result}
+
+
+def test_train_output_and_files(runs):
+    result, full = runs["result"], runs["full"]
+    assert result.global_step == 6 and result.metrics["steps"] == 6
+    assert (full / "config.yaml").is_file() and load_config(full / "config.yaml").train.max_steps == 6
+    for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+              "metrics.jsonl", "summary.json", "training_curves.png"):
+        assert (full / f).is_file(), f
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_loss_falls(runs):
+    curve = losses(runs["full"])
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]
+    assert curve[6] < curve[1] - 0.05, curve
+
+
+def test_resume_equals_uninterrupted_run_bitwise(runs):
+    full, resumed = losses(runs["full"]), losses(runs["resumed"])
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]  # exact, fp32
+    assert runs["resumed_result"].global_step == 6
+    from safetensors.torch import load_file
+
+    a = load_file(str(runs["full"] / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(runs["resumed"] / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The tracker run continues: one run id across both pieces.
+    events = [json.loads(x) for x in (runs["resumed"] / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resumed" for e in events)
+
+
+def test_adapter_reloads_with_peft_and_gives_identical_logits(runs):
+    """The exported adapter, loaded with PeftModel.from_pretrained, is the trained model: its logits equal
+    those of a model restored from the final (step 6) training checkpoint."""
+    from peft import PeftModel
+
+    from distsft.checkpoint import load_checkpoint
+    from distsft.config import LoraConfig, ModelConfig, TrainConfig
+    from distsft.model import CausalLMWithLoss, add_lora, load_base_model
+    from distsft.optim import build_optimizer
+
+    cfg = ModelConfig(init_from_config=str(runs["model_dir"]), dtype="float32", attn_implementation="eager")
+    cpu = torch.device("cpu")
+    trained = CausalLMWithLoss(add_lora(load_base_model(cfg, cpu, seed=42), LoraConfig(r=8)))
+    opt = build_optimizer(trained, TrainConfig(), cpu)
+    load_checkpoint(runs["full"] / "checkpoints" / "step-00000006", model=trained, optimizer=opt, scheduler=None)
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg, cpu, seed=42), str(runs["full"] / "adapter"))
+    untrained = add_lora(load_base_model(cfg, cpu, seed=42), LoraConfig(r=8))
+    ids = torch.randint(5, 2000, (2, 32), generator=torch.Generator().manual_seed(0))
+    a = CausalLMWithLoss(reloaded.eval()).logits(ids)
+    assert torch.equal(a, trained.eval().logits(ids))
+    assert not torch.allclose(a, CausalLMWithLoss(untrained.eval()).logits(ids))  # training changed it
+
+
+def test_merged_export_matches_adapter(runs):
+    tmp = runs["tmp"]
+    out = tmp / "merged-run"
+    distsft.train(run_config(tmp, runs["model_dir"], out, **{"train.max_steps": 2, "checkpoint.save_merged": True,
+                                                             "lora.dropout": 0.0}))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distsft.config import ModelConfig
+    from distsft.model import load_base_model
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    base = load_base_model(ModelConfig(init_from_config=str(runs["model_dir"]), dtype="float32",
+                                       attn_implementation="eager"), torch.device("cpu"), seed=42)
+    adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    ids = torch.randint(5, 2000, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
