@@ -177,7 +177,7 @@ def main(cfg: Config) -> TrainOutput:
     step = state["global_step"]
     sampler = GlobalBatchSampler(
         len(data.train), global_batch, seed=cfg.train.seed, rank=rank, world_size=world,
-        micro_batch_size=micro, samples_consumed=state["samples_consumed"],
+        micro_batch_size=micro, shuffle=cfg.data.shuffle, samples_consumed=state["samples_consumed"],
     )
     batches = iter(sampler)
     pad_id = tokenizer.pad_token_id

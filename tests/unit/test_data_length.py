@@ -1,0 +1,68 @@
+"""Length policy: drop (default), truncate_prompt (from the left, BOS kept, response never cut), raise;
+rows with no trainable token dropped; everything counted."""
+
+import pytest
+from data_fixtures import BOS, EOS, B, byte_tokenizer, cfg, trained_ids, write_jsonl
+
+from distsft.data import build_datasets
+from distsft.data.report import DataError
+
+SHORT = {"prompt": "p", "completion": "ok"}           # BOS + 1 + 2 + EOS = 5 tokens
+LONG_PROMPT = {"prompt": "0123456789" * 3, "completion": "answer"}  # 1 + 30 + 6 + 1 = 38 tokens
+LONG_RESPONSE = {"prompt": "p", "completion": "r" * 40}             # response alone > 32
+
+
+def build(tmp_path, rows, **kw):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    kw.setdefault("max_drop_ratio", 1.0)
+    return build_datasets(cfg(path, packing=False, max_seq_len=32, **kw), byte_tokenizer(), seed=0)
+
+
+def test_drop_is_default_and_counted(tmp_path):
+    b = build(tmp_path, [SHORT, LONG_PROMPT, LONG_RESPONSE, SHORT])
+    r = b.report.sources[0]
+    assert (r.rows_read, r.accepted, r.dropped) == (4, 2, {"too_long": 2})
+    assert all(len(b.train[i]["input_ids"]) <= 32 for i in range(len(b.train)))
+
+
+def test_exactly_max_seq_len_is_kept(tmp_path):
+    row = {"prompt": "", "completion": "x" * 30}  # BOS + 30 + EOS = 32
+    b = build(tmp_path, [row])
+    assert len(b.train[0]["input_ids"]) == 32 and b.report.sources[0].dropped == {}
+
+
+def test_raise_names_file_and_row(tmp_path):
+    with pytest.raises(DataError, match=r"d\.jsonl row 1: 38 tokens > data\.max_seq_len=32"):
+        build(tmp_path, [SHORT, LONG_PROMPT], length_policy="raise")
+
+
+def test_truncate_prompt_cuts_from_the_left_keeps_bos_and_response(tmp_path):
+    b = build(tmp_path, [LONG_PROMPT, LONG_RESPONSE], length_policy="truncate_prompt")
+    r = b.report.sources[0]
+    assert r.truncated == 1 and r.dropped == {"response_too_long": 1} and r.accepted == 1
+    ids = b.train[0]["input_ids"].tolist()
+    # 38 -> 32: the 6 oldest prompt tokens after BOS go
+    assert ids == [BOS] + B(("0123456789" * 3)[6:]) + B("answer") + [EOS]
+    assert trained_ids(b.train[0]) == B("answer") + [EOS]
+
+
+def test_truncate_prompt_multi_turn_never_cuts_the_last_response(tmp_path):
+    row = {"messages": [{"role": "user", "content": "u" * 20}, {"role": "assistant", "content": "first"},
+                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "last"}]}
+    path = write_jsonl(tmp_path / "m.jsonl", [row])
+    b = build_datasets(cfg(path, packing=False, max_seq_len=64, length_policy="truncate_prompt",
+                           chat_template="chatml"), byte_tokenizer(), seed=0)
+    ids = b.train[0]["input_ids"].tolist()
+    assert len(ids) == 64 and ids[0] == BOS
+    assert byte_tokenizer().decode(trained_ids(b.train[0])).endswith("last<|im_end|>\n")
+
+
+def test_no_trainable_tokens_dropped(tmp_path):
+    """One token, no BOS/EOS: position 0 can never be a target, so the row would train nothing."""
+    tok = byte_tokenizer(bos=None, eos=None)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "ab"}])
+    b = build_datasets(cfg(path, packing=False, max_drop_ratio=1.0), tok, seed=0)
+    r = b.report.sources[0]
+    assert r.dropped == {"no_trainable_tokens": 1} and r.accepted == 1
+    assert b.train[0]["input_ids"].tolist() == B("ab")
+    assert trained_ids(b.train[0]) == B("b")
