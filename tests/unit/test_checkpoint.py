@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from test_loss import make_batch, tiny_lora_model
 
 from distsft.checkpoint import (
     CheckpointError,
@@ -17,7 +18,6 @@ from distsft.checkpoint import (
 )
 from distsft.config import TrainConfig
 from distsft.optim import build_optimizer, build_scheduler
-from test_loss import make_batch, tiny_lora_model
 
 
 def trained(model_dir, steps=2, seed=0):
