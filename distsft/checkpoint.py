@@ -105,32 +105,98 @@ class Fragment:
     scalars: dict[str, float]  # e.g. Adam's "step"
 
 
-def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+def _unwrap_optimizer(optimizer):
+    """accelerate's wrapper -> the optimizer it wraps (a torch optimizer, or DeepSpeed's ZeRO optimizer)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the state (under ZeRO, the one stepping the flat fp32 partitions)."""
+    opt = _unwrap_optimizer(optimizer)
+    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _mode(params: list[torch.nn.Parameter]) -> str:
+    if any(hasattr(p, "ds_id") for p in params):
+        return "zero3"
+    if any(hasattr(p, "_hp_mapping") for p in params):
+        return "zero12"
+    return "replicated"
+
+
+def _state_entry(state: dict, flat: torch.Tensor, start: int, numel: int) -> tuple[dict, dict]:
+    """Split one flat partition's optimizer state into this fragment's tensors and the scalars."""
+    tensors, scalars = {}, {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == flat.shape:
+            tensors[key] = value.detach().narrow(0, start, numel)
+        elif not torch.is_tensor(value) or value.ndim == 0:
+            scalars[key] = float(value)
+    return tensors, scalars
+
+
 def local_fragments(model: torch.nn.Module, optimizer, *, rank: int) -> list[Fragment]:
-    """Fragments this rank owns. Single process and DDP: rank 0 owns every tensor whole (all ranks hold
-    identical copies, so one writer suffices)."""
-    if rank != 0:
-        return []
-    opt = _unwrap_optimizer(optimizer)
-    state = opt.state
+    """The fragments this rank owns, read where each mode keeps them:
+
+    - replicated (one process, DDP): every rank holds everything; rank 0 writes whole tensors.
+    - ZeRO-1/2: DeepSpeed's per-parameter fragment mapping (`param._hp_mapping`) names the slice of the
+      flattened parameter that lives in this rank's fp32 partition, and where in that partition.
+    - ZeRO-3: each parameter is split in equal contiguous partitions (the last one padded); this rank's
+      is `rank * partition_size`, read through DeepSpeed's local fp32/optimizer-state accessors.
+    Parameter values are the fp32 master weights wherever ZeRO keeps them.
+    """
+    named = trainable_named_parameters(model)
+    mode = _mode([p for _, p in named])
+    torch_opt = _torch_optimizer(optimizer)
     frags = []
-    for name, p in trainable_named_parameters(model):
-        tensors = {"param": p.detach().reshape(-1)}
-        scalars = {}
-        for key, value in state.get(p, {}).items():
-            if torch.is_tensor(value) and value.ndim > 0:
-                tensors[key] = value.detach().reshape(-1)
-            else:
-                scalars[key] = float(value)
-        frags.append(Fragment(name, tuple(p.shape), 0, tensors, scalars))
+    if mode == "replicated":
+        if rank != 0:
+            return []
+        for name, p in named:
+            flat = p.detach().reshape(-1)
+            tensors, scalars = _state_entry(
+                {k: (v.reshape(-1) if torch.is_tensor(v) and v.ndim > 0 else v)
+                 for k, v in torch_opt.state.get(p, {}).items()}, flat, 0, flat.numel())
+            frags.append(Fragment(name, tuple(p.shape), 0, {"param": flat, **tensors}, scalars))
+    elif mode == "zero12":
+        zopt = _unwrap_optimizer(optimizer)
+        for name, p in named:
+            m = p._hp_mapping
+            if m is None:  # no part of this parameter in this rank's partition
+                continue
+            flat = zopt.single_partition_of_fp32_groups[m.param_group_index]
+            hp, lp = m.hp_fragment_address, m.lp_fragment_address
+            tensors, scalars = _state_entry(torch_opt.state.get(flat, {}), flat, hp.start, hp.numel)
+            frags.append(Fragment(name, tuple(p.shape), lp.start,
+                                  {"param": m.hp_fragment.detach().reshape(-1), **tensors}, scalars))
+    else:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        keys, scalars = _zero3_state_keys(optimizer)
+        for name, p in named:
+            size = p.ds_tensor.ds_numel
+            offset = rank * size
+            real = max(0, min(size, p.ds_numel - offset))  # the last partition is padded
+            tensors = {"param": safe_get_local_fp32_param(p).detach().reshape(-1)[:real].cpu()}
+            for key in keys:
+                tensors[key] = safe_get_local_optimizer_state(p, key).detach().reshape(-1)[:real].cpu()
+            if real:
+                frags.append(Fragment(name, tuple(p.ds_shape), offset, tensors, dict(scalars)))
     return frags
+
+
+def _zero3_state_keys(optimizer) -> tuple[list[str], dict[str, float]]:
+    zopt = _unwrap_optimizer(optimizer)
+    state = _torch_optimizer(optimizer).state
+    for flat in zopt.fp32_partitioned_groups_flat:
+        if flat in state:
+            tensors, scalars = _state_entry(state[flat], flat, 0, flat.numel())
+            return sorted(tensors), scalars
+    return [], {}
 
 
 def assemble(fragments: list[dict]) -> dict[str, dict[str, Any]]:
@@ -162,27 +228,52 @@ def assemble(fragments: list[dict]) -> dict[str, dict[str, Any]]:
 
 
 def apply_whole_state(model: torch.nn.Module, optimizer, whole: dict[str, dict], param_groups: list[dict]) -> None:
-    """Load whole tensors into this rank's model parameters and optimizer (single process / DDP)."""
+    """Give this rank its part of the whole tensors: parameters, optimizer state, group hyper-parameters.
+    Works for any saved world size and any current mode (replicated, ZeRO-1/2, ZeRO-3)."""
     params = dict(trainable_named_parameters(model))
     missing = sorted(set(params) - set(whole))
     unexpected = sorted(set(whole) - set(params))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint does not match the model's trainable parameters: missing {missing[:3]}"
-            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            "checkpoint does not match the model's trainable parameters: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
-    opt = _unwrap_optimizer(optimizer)
+    for name, p in params.items():
+        shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+        if tuple(whole[name]["shape"]) != shape:
+            raise CheckpointError(f"{name}: shape {tuple(whole[name]['shape'])} in checkpoint, {shape} in model")
+    mode = _mode(list(params.values()))
     with torch.no_grad():
-        for name, p in params.items():
-            src = whole[name]["tensors"]["param"]
-            if tuple(src.shape) != tuple(p.shape):
-                raise CheckpointError(f"{name}: shape {tuple(src.shape)} in checkpoint, {tuple(p.shape)} in model")
-            p.copy_(src)
+        if mode == "replicated":
+            _apply_replicated(params, optimizer, whole, param_groups)
+        elif mode == "zero12":
+            _apply_zero12(params, optimizer, whole)
+        else:
+            _apply_zero3(params, optimizer, whole)
+    if mode != "replicated":
+        for group, saved in zip(_torch_optimizer(optimizer).param_groups, param_groups, strict=False):
+            group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v
+                          for k, v in saved.items() if k in group and k != "params"})
+
+
+def _new_state(flat: torch.Tensor, keys: list[str], scalars: dict[str, float], group: dict) -> dict:
+    """Optimizer state for a flat partition that has never stepped (DeepSpeed creates it lazily)."""
+    on_device = group.get("fused") or group.get("capturable")
+    st = {k: torch.zeros_like(flat) for k in keys}
+    for k, v in scalars.items():
+        st[k] = torch.tensor(v, dtype=torch.float32, device=flat.device if on_device else "cpu")
+    return st
+
+
+def _apply_replicated(params, optimizer, whole, param_groups) -> None:
+    opt = _torch_optimizer(optimizer)
+    for name, p in params.items():
+        p.copy_(whole[name]["tensors"]["param"])
     # Rebuild a torch optimizer state_dict in the current optimizer's parameter order, then let torch
     # place each value (it moves "step" to the device for fused/capturable AdamW, and casts moments).
-    index, state = 0, {}
+    index, state, groups = 0, {}, []
     name_of = {id(p): n for n, p in params.items()}
-    groups = []
     for g_idx, group in enumerate(opt.param_groups):
         ids = []
         for p in group["params"]:
@@ -201,9 +292,69 @@ def apply_whole_state(model: torch.nn.Module, optimizer, whole: dict[str, dict],
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _apply_zero12(params, optimizer, whole) -> None:
+    zopt, torch_opt = _unwrap_optimizer(optimizer), _torch_optimizer(optimizer)
+    for name, p in params.items():
+        entry = whole[name]
+        full = {k: v.reshape(-1) for k, v in entry["tensors"].items()}
+        p.data.copy_(full["param"].view(p.shape).to(p.dtype))  # ZeRO-1/2 keep whole low-precision replicas
+        m = p._hp_mapping
+        if m is None:
+            continue
+        lp, hp = m.lp_fragment_address, m.hp_fragment_address
+        m.hp_fragment.data.copy_(full["param"][lp.start: lp.start + lp.numel])
+        flat = zopt.single_partition_of_fp32_groups[m.param_group_index]
+        keys = [k for k in full if k != "param"]
+        if keys and flat not in torch_opt.state:
+            torch_opt.state[flat] = _new_state(flat, keys, entry["scalars"],
+                                               torch_opt.param_groups[m.param_group_index])
+        st = torch_opt.state.get(flat, {})
+        for k in keys:
+            st[k].narrow(0, hp.start, hp.numel).copy_(full[k][lp.start: lp.start + lp.numel])
+        for k, v in entry["scalars"].items():
+            st[k] = torch.full_like(st[k], v) if torch.is_tensor(st.get(k)) else v
+
+
+def _zero3_partition(whole: torch.Tensor, size: int, offset: int, device) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a whole tensor: `size` elements from `offset`, zero-padded."""
+    flat = whole.reshape(-1)
+    out = torch.zeros(size, dtype=torch.float32)
+    real = max(0, min(size, flat.numel() - offset))
+    out[:real] = flat[offset: offset + real]
+    return out.to(device)
+
+
+def _apply_zero3(params, optimizer, whole) -> None:
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    zopt, torch_opt = _unwrap_optimizer(optimizer), _torch_optimizer(optimizer)
+    rank = dist.get_rank()
+    any_entry = next(iter(whole.values()))
+    keys = [k for k in any_entry["tensors"] if k != "param"]
+    if keys:  # every flat partition needs a state before DeepSpeed's accessors can write into it
+        for i, flat in enumerate(zopt.fp32_partitioned_groups_flat):
+            if flat not in torch_opt.state:
+                group = torch_opt.param_groups[min(i, len(torch_opt.param_groups) - 1)]
+                torch_opt.state[flat] = _new_state(flat, keys, any_entry["scalars"], group)
+    for name, p in params.items():
+        size = p.ds_tensor.ds_numel
+        offset = rank * size
+        value = _zero3_partition(whole[name]["tensors"]["param"], size, offset, p.ds_tensor.device)
+        safe_set_local_fp32_param(p, value)
+        p.ds_tensor.data.copy_(value.to(p.ds_tensor.dtype))
+        for k in keys:
+            safe_set_local_optimizer_state(p, _zero3_partition(whole[name]["tensors"][k], size, offset,
+                                                               p.ds_tensor.device), k)
+    for flat in zopt.fp32_partitioned_groups_flat:
+        st = torch_opt.state.get(flat, {})
+        for k, v in any_entry["scalars"].items():
+            st[k] = torch.full_like(st[k], v) if torch.is_tensor(st.get(k)) else v
+
+
 def _group_hparams(optimizer) -> list[dict]:
     out = []
-    for g in _unwrap_optimizer(optimizer).param_groups:
+    for g in _torch_optimizer(optimizer).param_groups:
         out.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"})
     return out
 

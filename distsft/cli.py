@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from distsft.config import Config, ConfigError, load_config
@@ -27,10 +28,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def run(cfg: Config) -> None:
+    from distsft.distributed import NONRETRYABLE_EXIT_CODE, TrainingDiverged
     from distsft.train import main
 
-    out = main(cfg)
-    print(json.dumps({"global_step": out.global_step, "training_loss": out.training_loss, **out.metrics}))
+    try:
+        out = main(cfg)
+    except TrainingDiverged as e:
+        print(f"distsft: error: {e}", file=sys.stderr)
+        raise SystemExit(NONRETRYABLE_EXIT_CODE) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"global_step": out.global_step, "training_loss": out.training_loss, **out.metrics}))
 
 
 def main(argv: list[str] | None = None) -> None:

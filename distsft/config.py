@@ -58,6 +58,10 @@ class ModelConfig:
     """HF attention implementation: `sdpa`, `eager`, `flex_attention`, ... ."""
     trust_remote_code: bool = False
     """Run model code from the hub. Off unless asked: it executes someone else's Python."""
+    zero_init: bool = True
+    """Under ZeRO-3, build the model already partitioned (deepspeed.zero.Init), as models that do not fit
+    one device need. With a random init (`init_from_config`) the values then differ from a whole-model
+    build; set false for bitwise-comparable tiny models."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 slower)."""
 
@@ -302,6 +306,9 @@ class DistributedConfig:
     nonfinite_loss: Literal["skip", "abort"] = "skip"
     max_consecutive_nonfinite: int = 5
     """Abort after this many non-finite steps in a row even when skipping."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON (e.g. `ds_configs/zero3.json`) for runs started with plain `torchrun`; with
+    `accelerate launch --config_file accelerate_configs/zeroN.yaml` the YAML names it instead."""
     allow_global_batch_change: bool = False
     """Allow resuming with a different global batch size (changes which samples form each step)."""
 

@@ -9,6 +9,7 @@ the (tokens, vocab) logits, and under DeepSpeed ZeRO-3 it is what makes the engi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -61,12 +62,38 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+@contextlib.contextmanager
+def _without_zero_init():
+    """Build the model whole even though a ZeRO-3 config is active (transformers would otherwise
+    construct it under deepspeed.zero.Init, partitioned)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
-    """The HF causal LM in the configured dtype, on CPU (accelerate moves it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The HF causal LM in the configured dtype, on CPU (accelerate moves it). Under ZeRO-3 with
+    `model.zero_init` it is built already partitioned across ranks."""
 
     dtype = resolve_dtype(cfg.dtype, device)
     common = dict(trust_remote_code=cfg.trust_remote_code)
+    with contextlib.nullcontext() if cfg.zero_init else _without_zero_init():
+        model = _build(cfg, dtype, common, seed)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _build(cfg: ModelConfig, dtype: torch.dtype, common: dict, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if cfg.name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_path(cfg.name_or_path),
@@ -83,10 +110,6 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
             model = AutoModelForCausalLM.from_config(
                 hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation, **common
             )
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -131,6 +154,11 @@ class CausalLMWithLoss(nn.Module):
     @property
     def causal_lm(self) -> nn.Module:
         return self.peft_model.get_base_model()
+
+    @property
+    def config(self):
+        """The HF model config (accelerate reads hidden_size from it to size DeepSpeed's buckets)."""
+        return self.causal_lm.config
 
     def lm_head(self) -> nn.Linear:
         head = self.causal_lm.get_output_embeddings()

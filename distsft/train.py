@@ -38,7 +38,13 @@ import torch
 from accelerate.utils import broadcast_object_list
 from transformers.trainer_utils import TrainOutput
 
-from distsft.checkpoint import find_resume_checkpoint, load_checkpoint, rotate, save_checkpoint
+from distsft.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    rotate,
+    save_checkpoint,
+    trainable_named_parameters,
+)
 from distsft.config import Config, from_dict, load_config
 from distsft.data import (
     GlobalBatchSampler,
@@ -46,6 +52,17 @@ from distsft.data import (
     check_packing_isolation,
     collate,
     packed_attention_kwargs,
+)
+from distsft.distributed import (
+    REQUEUE_EXIT_CODE,
+    PreemptionFlag,
+    TrainingDiverged,
+    build_accelerator,
+    configure_deepspeed,
+    deepspeed_engine,
+    gathered_parameters,
+    register_head_for_zero3,
+    zero_stage,
 )
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.loss import backward_scale, count_targets
@@ -56,17 +73,6 @@ from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summ
 from distsft.tracking import Tracker, check_trackers, new_run_id
 
 logger = logging.getLogger("distsft")
-
-
-def build_accelerator(cfg: Config):
-    from datetime import timedelta
-
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
-    # Gradient accumulation is ours (loss.py): accelerate must not divide the loss by it again.
-    return Accelerator(gradient_accumulation_steps=1, kwargs_handlers=[timeout])
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -111,6 +117,7 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
 
 def main(cfg: Config) -> TrainOutput:
     check_trackers(cfg.logging)  # a missing W&B login fails here, before any GPU work
+    preemption = PreemptionFlag().install()  # from here on, SIGTERM/SIGUSR1 only set a flag
     accelerator = build_accelerator(cfg)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     logging.basicConfig(
@@ -130,12 +137,6 @@ def main(cfg: Config) -> TrainOutput:
     tokenizer = load_tokenizer(cfg.model)
     model, kernel_report = build_model(cfg.model, cfg.lora, cfg.kernels, device, seed=cfg.train.seed)
     compute_dtype = next(model.causal_lm.parameters()).dtype
-    # Refuse an attention backend that lets packed documents see each other (probe batch, a few ms).
-    if cfg.data.packing:
-        check_packing_isolation(
-            model.causal_lm, attn_implementation=cfg.model.attn_implementation,
-            forward=lambda ids, pos, mask: model.logits(ids.to(device), pos.to(device),
-                                                        None if mask is None else mask.to(device)))
     trainable, total = trainable_parameter_count(model)
     logger.info("model: %s trainable of %s parameters (%.3f%%); kernels: %s",
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, kernel_report)
@@ -158,8 +159,21 @@ def main(cfg: Config) -> TrainOutput:
 
     optimizer = build_optimizer(model, cfg.train, device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    configure_deepspeed(accelerator, micro_batch=micro, accum=accum, max_grad_norm=cfg.train.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    engine = deepspeed_engine(accelerator, model)  # DeepSpeed drives backward and step itself
+    if cfg.checkpoint.save_merged and zero_stage(accelerator) == 3:
+        raise ValueError("checkpoint.save_merged=true is not supported under ZeRO-3 (the base weights are "
+                         "partitioned); merge the exported adapter into the base model after training")
+    register_head_for_zero3(unwrapped)
+    # Refuse an attention backend that lets packed documents see each other (a probe batch, a few ms).
+    # After prepare: under ZeRO-3 the engine's hooks gather the weights (every rank runs it).
+    if cfg.data.packing:
+        check_packing_isolation(
+            unwrapped.causal_lm, attn_implementation=cfg.model.attn_implementation,
+            forward=lambda ids, pos, mask: unwrapped.logits(ids.to(device), pos.to(device),
+                                                            None if mask is None else mask.to(device)))
 
     # Resume: the trainable state, optimizer, schedule and the data position (a global sample count).
     state = {"global_step": 0, "samples_consumed": 0, "tokens_consumed": 0, "skipped_steps": 0}
@@ -181,11 +195,22 @@ def main(cfg: Config) -> TrainOutput:
     )
     batches = iter(sampler)
     pad_id = tokenizer.pad_token_id
-    engine_divides_by = accum if accelerator.distributed_type == "DEEPSPEED" else 1
+    engine_divides_by = accum if engine is not None else 1
+
+    def adapter_state_dict() -> dict | None:
+        """The adapter's tensors, whole, on the main process (a collective under ZeRO-3)."""
+        from peft import get_peft_model_state_dict
+
+        with gathered_parameters([p for _, p in trainable_named_parameters(unwrapped)]):
+            if not is_main:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped.peft_model).items()}
 
     def save(at_step: int):
+        adapter = adapter_state_dict()
+
         def extras(staging: Path):
-            unwrapped.peft_model.save_pretrained(staging / "adapter")
+            unwrapped.peft_model.save_pretrained(staging / "adapter", state_dict=adapter)
             cfg.save(staging / "config.yaml")
 
         trainer_state = {**state, "global_batch_size": global_batch, "seed": cfg.train.seed,
@@ -245,18 +270,31 @@ def main(cfg: Config) -> TrainOutput:
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             for i, mb in enumerate(micro_batches):
                 mb = to_device(mb, device, cfg.data.packing, cfg.model.attn_implementation, compute_dtype)
-                with contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model):
+                last = i == accum - 1
+                if engine is not None:  # DeepSpeed reduces (ZeRO-1) or finishes reducing at the boundary
+                    engine.set_gradient_accumulation_boundary(last)
                     s, _ = model(**mb)
-                    accelerator.backward(s * scale)
+                    engine.backward(s * scale)
+                else:  # DDP all-reduces on the last micro-batch only
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        s, _ = model(**mb)
+                        accelerator.backward(s * scale)
                 loss_sum += s.detach().float()
 
         with timer.phase("optimizer"):
             # Non-finite loss or gradients: decided on global values, so every rank takes the same branch.
             step_loss = float(reduce_sum(loss_sum)) / global_tokens
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if engine is not None:
+                # DeepSpeed clips (gradient_clipping = train.max_grad_norm) and steps inside engine.step();
+                # with non-finite gradients its overflow check skips the update on every rank.
+                engine.step()
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            else:
+                max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                optimizer.step()
+                if engine is None:
+                    optimizer.step()
                 nonfinite_run = 0
             else:
                 state["skipped_steps"] += 1
@@ -265,7 +303,7 @@ def main(cfg: Config) -> TrainOutput:
                                step, step_loss, grad_norm)
                 if (cfg.distributed.nonfinite_loss == "abort"
                         or nonfinite_run >= cfg.distributed.max_consecutive_nonfinite):
-                    raise FloatingPointError(f"step {step}: {nonfinite_run} non-finite step(s) in a row")
+                    raise TrainingDiverged(f"step {step}: {nonfinite_run} non-finite step(s) in a row")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         step += 1
@@ -293,10 +331,20 @@ def main(cfg: Config) -> TrainOutput:
             eval_losses.append(evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype))
             tracker.log({"eval/loss": eval_losses[-1]}, step)
             bar.write(f"step {step}: eval loss {eval_losses[-1]:.4f}")
+        saved = False
         if cfg.checkpoint.save_steps and (step % cfg.checkpoint.save_steps == 0 or step == total_steps):
-            result = save(step)
+            result, saved = save(step), True
             if result is not None:
                 tracker.log({"checkpoint/save_s": result.seconds, "checkpoint/bytes": result.bytes}, step)
+        if preemption.agreed(accelerator):  # every rank sees the same answer at the same step
+            if not saved:
+                result = save(step)
+            tracker.event("preempted", step, signal=preemption.signum, checkpoint=str(ckpt_root))
+            tracker.close(exit_code=REQUEUE_EXIT_CODE)
+            bar.close()
+            logger.warning("preempted: checkpoint at step %d committed; exiting with %d for requeue",
+                           step, REQUEUE_EXIT_CODE)
+            raise SystemExit(REQUEUE_EXIT_CODE)
     bar.close()
 
     if data.eval is not None and (not eval_losses or not cfg.train.eval_steps or step % cfg.train.eval_steps):
@@ -304,10 +352,9 @@ def main(cfg: Config) -> TrainOutput:
         tracker.log({"eval/loss": eval_losses[-1]}, step)
 
     # Export: the adapter in PEFT format plus the tokenizer; optionally the merged model.
-    accelerator.wait_for_everyone()
-    adapter_dir = out_dir / "adapter"
+    adapter, adapter_dir = adapter_state_dict(), out_dir / "adapter"
     if is_main:
-        unwrapped.peft_model.save_pretrained(adapter_dir)
+        unwrapped.peft_model.save_pretrained(adapter_dir, state_dict=adapter)
         tokenizer.save_pretrained(adapter_dir)
         if cfg.checkpoint.save_merged:
             merged = unwrapped.peft_model.merge_and_unload()

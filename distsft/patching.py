@@ -1,0 +1,338 @@
+"""Put our kernels into one HF model instance, countably and reversibly; choose the loss function.
+
+    report = apply_kernels(peft_model, cfg.kernels)   # RMSNorm, RoPE, SwiGLU/GeGLU on this instance
+    loss_fn = select_loss_fn(cfg.kernels)             # (hidden, weight, targets, *, bias, softcap) -> (sum, n)
+    revert_kernels(peft_model, report)                # the original forwards, exactly
+
+Patching binds a forward to each matched module *instance* (`module.forward = MethodType(...)`); the
+transformers classes and module-level functions are never touched, no source is rewritten. Modules
+keep their parameters, so state dicts, peft adapters (LoRA layers inside q_proj etc. are called as HF
+calls them) and DeepSpeed hooks are unaffected. RoPE lives inside attention, so attention modules get a
+forward that mirrors HF's (same projections, same attention interface from `ALL_ATTENTION_FUNCTIONS`
+with the module's own eager fallback, same sliding-window and soft-capping arguments) with the rotation
+swapped. The replacements are counted and checked against the architecture.
+
+Backend, decided per call from the tensor's device: `auto` runs Triton where it can (CUDA tensors, or
+CPU tensors when the kernels were loaded under TRITON_INTERPRET=1) and the PyTorch references of
+`distsft_kernels.reference` elsewhere; `triton` raises where Triton cannot run; `torch` always uses the
+references (which reproduce the HF modules' numerics).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import distsft_kernels as K
+import torch
+import torch.nn.functional as F
+from distsft_kernels.reference import fused_linear_cross_entropy_ref, rms_norm_ref, rope_ref
+
+from distsft.config import KernelsConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_MISSING = object()
+_TAG = "_distsft_kernel"  # per-instance settings read by the bound forwards
+
+
+@dataclass(frozen=True)
+class _Arch:
+    norm_casting: str = "llama"  # "llama": w * xhat.to(dtype); "gemma": ((1 + w) * xhat).to(dtype)
+    norms_per_layer: int = 2  # RMSNorms per decoder layer (+1 final norm)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before the rotation
+    sliding: str | None = None  # where attention's `sliding_window` comes from: "config" | "module"
+    attn_softcap: bool = False  # Gemma2: `softcap=self.attn_logit_softcapping`
+
+
+ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch(),
+    "mistral": _Arch(sliding="config"),
+    "qwen2": _Arch(sliding="module"),
+    "qwen3": _Arch(norms_per_layer=4, qk_norm=True, sliding="module"),
+    "gemma": _Arch(norm_casting="gemma"),
+    "gemma2": _Arch(norm_casting="gemma", norms_per_layer=4, sliding="module", attn_softcap=True),
+}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a bound forward needs besides its module."""
+
+    backend: str
+    casting: str = "llama"
+    activation: str = "silu"
+    arch: _Arch | None = None
+    eager: Callable | None = None
+
+
+@dataclass
+class PatchReport:
+    """What `apply_kernels` replaced: counts per kernel (checked against `expected`), and how to undo it."""
+
+    model_type: str
+    backend: str
+    counts: dict[str, int] = field(default_factory=dict)
+    expected: dict[str, int] = field(default_factory=dict)
+    skipped: str | None = None  # why nothing was patched (on_unsupported="warn")
+    _undo: list = field(default_factory=list, repr=False)
+    _model: Callable | None = field(default=None, repr=False)  # weakref to the patched HF model
+
+    def as_dict(self) -> dict:
+        return {"model_type": self.model_type, "backend": self.backend, "counts": dict(self.counts),
+                "skipped": self.skipped}
+
+    def __str__(self) -> str:
+        if self.skipped:
+            return f"{self.model_type}: none ({self.skipped})"
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items()) or "none"
+        return f"{self.model_type}: {counts} (backend {self.backend})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend choice, per call
+
+
+def _use_triton(backend: str, t: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    ok = K.HAS_TRITON and K.triton_can_run(t)
+    if backend == "triton" and not ok:
+        why = "Triton is not installed" if not K.HAS_TRITON else (
+            f"the tensors are on {t.device} and the kernels were loaded "
+            + ("under TRITON_INTERPRET=1 (CPU only)" if K.INTERPRETED else "for the GPU (set TRITON_INTERPRET=1 "
+               "before importing distsft_kernels to run them on CPU)"))
+        raise RuntimeError(f"kernels.backend=triton but Triton cannot run here: {why}; use kernels.backend=auto")
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bound forwards (self is the HF module instance)
+
+
+def _rms_norm_forward(self, hidden_states):
+    spec = getattr(self, _TAG)
+    eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
+    offset = 1.0 if spec.casting == "gemma" else 0.0
+    if _use_triton(spec.backend, hidden_states):
+        return K.rms_norm(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
+    return rms_norm_ref(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
+
+
+def _mlp_forward(self, x):
+    spec = getattr(self, _TAG)
+    gate, up = self.gate_proj(x), self.up_proj(x)  # HF's order (matters for LoRA dropout's RNG)
+    if _use_triton(spec.backend, gate):
+        # gate and up are ours (fresh projection outputs, read by nothing else): their memory takes the grads
+        return self.down_proj(K.gated_activation(gate, up, spec.activation, inplace_grads=True))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                       past_key_values=None, **kwargs):
+    """HF's Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2 attention forward with the rotation swapped."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    spec = getattr(self, _TAG)
+    arch = spec.arch
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    if arch.qk_norm:
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+    else:
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hq, T, D)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings  # (B|1, T, D) from the model's rotary embedding (any rope variant)
+    if _use_triton(spec.backend, query_states):
+        query_states, key_states = K.rope(query_states, key_states, cos, sin)  # in place, one launch
+    else:
+        query_states, key_states = rope_ref(query_states, key_states, cos, sin)
+
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+    extra = {}
+    if arch.sliding == "config":
+        extra["sliding_window"] = getattr(self.config, "sliding_window", None)
+    elif arch.sliding == "module":
+        extra["sliding_window"] = self.sliding_window
+    if arch.attn_softcap:
+        extra["softcap"] = self.attn_logit_softcapping
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, spec.eager)
+    attn_output, attn_weights = attention_interface(
+        self, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling, **extra, **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding and binding
+
+
+def _hf_model(model):
+    """The HF causal LM inside a peft `PeftModel` (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _logical_name(name: str) -> str:
+    """peft's `modules_to_save` keeps two copies of a module: count them once."""
+    parts, out, skip = name.split("."), [], 0
+    for p in parts:
+        if skip:
+            skip -= 1
+        elif p == "original_module":
+            continue
+        elif p == "modules_to_save":
+            skip = 1  # the adapter name follows
+        else:
+            out.append(p)
+    return ".".join(out)
+
+
+def _bind(module, fn, spec: _Spec, undo: list) -> None:
+    if hasattr(module, _TAG):
+        raise ValueError(f"{type(module).__name__} is already patched: revert_kernels first")
+    # accelerate's hooks (device_map) wrap `forward` and call `_old_forward`: replace the inner one.
+    attr = "_old_forward" if "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__ else "forward"
+    undo.append((module, attr, module.__dict__.get(attr, _MISSING)))
+    setattr(module, _TAG, spec)
+    setattr(module, attr, types.MethodType(fn, module))
+
+
+def _activation(act_fn) -> str | None:
+    from transformers.activations import GELUTanh, SiLUActivation
+
+    if isinstance(act_fn, (SiLUActivation, torch.nn.SiLU)):
+        return "silu"
+    if isinstance(act_fn, GELUTanh):
+        return "gelu_tanh"
+    return None
+
+
+def _is(m, suffix: str, *attrs: str) -> bool:
+    return type(m).__name__.endswith(suffix) and all(hasattr(m, a) for a in attrs)
+
+
+def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
+    """Patch RMSNorm / RoPE / SwiGLU (per `cfg`) on this model instance (a peft model or a bare HF model).
+
+    Raises ValueError for an unsupported architecture (or logs a warning and patches nothing with
+    `on_unsupported="warn"`), RuntimeError when the counts do not match the architecture (nothing is
+    left patched then).
+    """
+    hf = _hf_model(model)
+    model_type = getattr(hf.config, "model_type", type(hf).__name__)
+    report = PatchReport(model_type=model_type, backend=cfg.backend, _model=weakref.ref(hf))
+    if cfg.backend == "triton" and not K.HAS_TRITON:
+        raise ValueError("kernels.backend: 'triton' needs the triton package, which is not installed")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        msg = (f"kernels: model_type {model_type!r} is not supported by distsft's kernel patching "
+               f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+        if cfg.on_unsupported == "error":
+            raise ValueError(msg + "; set kernels.on_unsupported=warn to train without the kernels")
+        logger.warning("%s; training with the plain HF modules", msg)
+        report.skipped = "unsupported architecture"
+        return report
+
+    n_layers = hf.config.num_hidden_layers
+    wanted = {"rms_norm": cfg.rms_norm, "rope": cfg.rope, "swiglu": cfg.swiglu}
+    report.expected = {k: n for k, n in (("rms_norm", arch.norms_per_layer * n_layers + 1),
+                                         ("rope", n_layers), ("swiglu", n_layers)) if wanted[k]}
+    seen: dict[str, set] = {k: set() for k in report.expected}
+    undo = report._undo
+    try:
+        for name, m in hf.named_modules():
+            if cfg.rms_norm and _is(m, "RMSNorm", "weight"):
+                _bind(m, _rms_norm_forward, _Spec(cfg.backend, casting=arch.norm_casting), undo)
+                seen["rms_norm"].add(_logical_name(name))
+            elif cfg.rope and _is(m, "Attention", "q_proj", "k_proj", "v_proj", "o_proj", "head_dim"):
+                eager = getattr(sys.modules[type(m).__module__], "eager_attention_forward", None)
+                if eager is None:
+                    raise RuntimeError(f"{type(m).__module__} has no eager_attention_forward")
+                _bind(m, _attention_forward, _Spec(cfg.backend, arch=arch, eager=eager), undo)
+                seen["rope"].add(_logical_name(name))
+            elif cfg.swiglu and _is(m, "MLP", "gate_proj", "up_proj", "down_proj", "act_fn"):
+                act = _activation(m.act_fn)
+                if act is None:
+                    msg = (f"kernels.swiglu: {model_type} MLP activation {type(m.act_fn).__name__} has no "
+                           "fused kernel (silu and gelu_pytorch_tanh do)")
+                    if cfg.on_unsupported == "error":
+                        raise ValueError(msg + "; set kernels.swiglu=false")
+                    logger.warning("%s; keeping the HF MLP", msg)
+                    report.expected["swiglu"] = 0
+                    continue
+                _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act), undo)
+                seen["swiglu"].add(_logical_name(name))
+        report.counts = {k: len(v) for k, v in seen.items()}
+        if report.counts != report.expected:
+            raise RuntimeError(f"kernels: patched {report.counts} modules in this {model_type} model, "
+                               f"expected {report.expected} for {n_layers} layers; nothing left patched")
+    except Exception:
+        _undo(undo)
+        raise
+    logger.info("kernels patched: %s", report)
+    return report
+
+
+def _undo(undo: list) -> None:
+    for module, attr, previous in reversed(undo):
+        if previous is _MISSING:
+            module.__dict__.pop(attr, None)
+        else:
+            setattr(module, attr, previous)
+        module.__dict__.pop(_TAG, None)
+    undo.clear()
+
+
+def revert_kernels(model, report: PatchReport) -> None:
+    """Restore the forwards `apply_kernels` replaced on this model (the classes' own, or what was bound)."""
+    hf = _hf_model(model)
+    if report._model is not None and report._model() is not hf:
+        raise ValueError("revert_kernels: this report belongs to another model instance")
+    _undo(report._undo)
+    report.counts = {k: 0 for k in report.counts}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss
+
+
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def select_loss_fn(cfg: KernelsConfig) -> LossFn:
+    """The LM-head + loss function for `cfg`:
+
+        loss_fn(hidden (N, d), weight (V, d), targets (N,), *, bias=None, softcap=None,
+                ignore_index=-100, label_smoothing=0.0) -> (loss_sum fp32, n_valid int64)
+
+    targets are already shifted. Fused linear CE when `cfg.fused_linear_cross_entropy`, else logits +
+    our CE kernel when `cfg.cross_entropy`, else the reference; Triton or reference per call (backend).
+    """
+    kind = "fused_linear_ce" if cfg.fused_linear_cross_entropy else "ce" if cfg.cross_entropy else "reference"
+    backend = cfg.backend
+
+    def loss_fn(hidden, weight, targets, *, bias=None, softcap=None, ignore_index=IGNORE_INDEX,
+                label_smoothing=0.0):
+        kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap)
+        if kind != "reference" and _use_triton(backend, hidden):
+            if kind == "fused_linear_ce":
+                return K.fused_linear_cross_entropy(hidden, weight, targets, bias=bias, **kw)
+            logits = F.linear(hidden, weight, bias)  # (N, V) in the input dtype; ours, so CE may overwrite it
+            return K.cross_entropy(logits, targets, inplace=True, **kw)
+        return fused_linear_cross_entropy_ref(hidden, weight, targets, bias=bias, **kw)
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"loss_fn[{kind}, backend={backend}]"
+    return loss_fn
