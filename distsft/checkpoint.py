@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from distsft.distributed import injected_fault
 
 logger = logging.getLogger(__name__)
 
@@ -419,6 +422,8 @@ def save_checkpoint(
         shard = staging / "shards" / f"rank-{rank:05d}.safetensors"
         save_file(tensors, str(shard))
         _fsync_file(shard)
+        if injected_fault("kill_in_save", step, rank):
+            os.kill(os.getpid(), signal.SIGKILL)  # a rank dying between its write and the commit
         _write_json(staging / "shards" / f"rank-{rank:05d}.json", index)
 
     if rank == 0:

@@ -28,13 +28,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def run(cfg: Config) -> None:
-    from distsft.distributed import NONRETRYABLE_EXIT_CODE, TrainingDiverged
+    from distsft.distributed import NONRETRYABLE_EXIT_CODE, TrainingDiverged, write_exit_status
     from distsft.train import main
 
     try:
         out = main(cfg)
     except TrainingDiverged as e:
         print(f"distsft: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_exit_status("diverged", NONRETRYABLE_EXIT_CODE)
         raise SystemExit(NONRETRYABLE_EXIT_CODE) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"global_step": out.global_step, "training_loss": out.training_loss, **out.metrics}))

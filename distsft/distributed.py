@@ -10,6 +10,7 @@ DeepSpeed JSON says "auto" for them and `configure_deepspeed` fills them in befo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,12 +26,17 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint committed, run me 
 NONRETRYABLE_EXIT_CODE = 65  # EX_DATAERR: diverged (non-finite losses); retrying would do the same
 
 
+def write_exit_status(reason: str, exit_code: int, step: int | None = None) -> None:
+    """For launchers that only see torchrun's exit code (any failed worker makes it 1): the file named by
+    DISTSFT_STATUS_FILE (set by launch/multinode.sh and launch/slurm.sbatch) gets the real reason."""
+    path = os.environ.get("DISTSFT_STATUS_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"reason": reason, "exit_code": exit_code, "step": step}, f)
+
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row: the command line exits with NONRETRYABLE_EXIT_CODE."""
-
-
-def _launched_with_deepspeed(cfg: Config) -> bool:
-    return bool(cfg.distributed.deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def build_accelerator(cfg: Config):
@@ -38,18 +44,31 @@ def build_accelerator(cfg: Config):
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     timeout = timedelta(minutes=cfg.distributed.timeout_minutes)
-    plugin = None
-    if _launched_with_deepspeed(cfg):
-        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Accelerate 1.15 on a machine with no GPU leaves the DeepSpeed state at one process (no
-            # backend chosen), so every rank thinks it is rank 0 and DeepSpeed rejects the batch sizes.
-            # Creating the shared state with gloo first makes it see the real world size.
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_deepspeed = bool(cfg.distributed.deepspeed_config) or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+    if launched_world > 1 and not torch.cuda.is_available():
+        # Accelerate 1.15 on a machine with no GPU does not see a torchrun launch as distributed: its
+        # state says one process (DistributedType.NO), `reduce` does nothing, nothing is wrapped in DDP,
+        # and every rank trains alone (under DeepSpeed: `train_batch_size ... 2 != 2 * 1 * 2`). Create
+        # the shared state first: gloo for DeepSpeed (cpu=True would disable the DeepSpeed path), and
+        # cpu=True otherwise, which is what makes accelerate choose MULTI_CPU (DDP over gloo).
+        if use_deepspeed:
             PartialState(backend="gloo", timeout=timeout)
-        if cfg.distributed.deepspeed_config:
-            plugin = DeepSpeedPlugin(hf_ds_config=cfg.distributed.deepspeed_config)
+        else:
+            PartialState(cpu=True, backend="gloo", timeout=timeout)
+    plugin = None
+    if cfg.distributed.deepspeed_config:
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg.distributed.deepspeed_config)
     # Gradient accumulation is ours (loss.py): accelerate must not divide the loss by it again.
-    return Accelerator(gradient_accumulation_steps=1, deepspeed_plugin=plugin,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    accelerator = Accelerator(gradient_accumulation_steps=1, deepspeed_plugin=plugin,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    if accelerator.num_processes != launched_world:
+        raise RuntimeError(
+            f"the launcher started {launched_world} processes but accelerate sees {accelerator.num_processes}: "
+            "every rank would train alone. Launch with `accelerate launch` or `torchrun`, not both nested."
+        )
+    return accelerator
 
 
 def deepspeed_engine(accelerator, model):
@@ -63,7 +82,8 @@ def zero_stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def configure_deepspeed(accelerator, *, micro_batch: int, accum: int, max_grad_norm: float) -> None:
+def configure_deepspeed(accelerator, *, micro_batch: int, accum: int, max_grad_norm: float,
+                        dtype: torch.dtype) -> None:
     """Fill the values the trainer owns into the DeepSpeed config before `prepare` (they are "auto"
     in ds_configs/; a value written there explicitly must agree)."""
     if accelerator.distributed_type != "DEEPSPEED":
@@ -83,6 +103,13 @@ def configure_deepspeed(accelerator, *, micro_batch: int, accum: int, max_grad_n
                 f'"auto" in the JSON (the trainer owns it) or change the train.* setting'
             )
         ds[key] = value
+    # Precision is the model's (model.dtype): DeepSpeed keeps fp32 master weights for bf16/fp16 ones.
+    for key, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = ds.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = wanted
+        elif bool(section["enabled"]) != wanted:
+            raise ValueError(f"DeepSpeed config has {key}.enabled={section['enabled']} but model.dtype is {dtype}")
     # The trainer steps its own schedule and passes its own torch optimizer.
     for key in ("scheduler", "optimizer"):
         if key in ds:
@@ -112,6 +139,19 @@ def gathered_parameters(params: list[torch.nn.Parameter]):
             yield
     else:
         yield
+
+
+def injected_fault(name: str, step: int, rank: int) -> bool:
+    """Test hook: DISTSFT_TEST_FAULT="<name>@<step>@<rank>" makes `name` happen there (the multi-process
+    tests kill a rank inside a save, or feed it a NaN loss). Never set in real runs."""
+    spec = os.environ.get("DISTSFT_TEST_FAULT", "")
+    return bool(spec) and spec == f"{name}@{step}@{rank}"
+
+
+def sample_digest(indices: list[int]) -> int:
+    """An order-free digest of a set of sample indices: summed over ranks it names the samples of an
+    optimizer step independently of the world size (tests compare it across modes)."""
+    return sum((i * 2654435761 + 97) % 1_000_003 for i in indices)
 
 
 # ----------------------------------------------------------------------------------------------------

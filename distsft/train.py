@@ -43,6 +43,7 @@ from distsft.checkpoint import (
     load_checkpoint,
     rotate,
     save_checkpoint,
+    step_dir_name,
     trainable_named_parameters,
 )
 from distsft.config import Config, from_dict, load_config
@@ -61,7 +62,10 @@ from distsft.distributed import (
     configure_deepspeed,
     deepspeed_engine,
     gathered_parameters,
+    injected_fault,
     register_head_for_zero3,
+    sample_digest,
+    write_exit_status,
     zero_stage,
 )
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
@@ -159,7 +163,8 @@ def main(cfg: Config) -> TrainOutput:
 
     optimizer = build_optimizer(model, cfg.train, device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    configure_deepspeed(accelerator, micro_batch=micro, accum=accum, max_grad_norm=cfg.train.max_grad_norm)
+    configure_deepspeed(accelerator, micro_batch=micro, accum=accum, max_grad_norm=cfg.train.max_grad_norm,
+                        dtype=compute_dtype)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     engine = deepspeed_engine(accelerator, model)  # DeepSpeed drives backward and step itself
@@ -250,9 +255,11 @@ def main(cfg: Config) -> TrainOutput:
     while step < total_steps:
         torch.manual_seed(step_seed(cfg.train.seed, step, rank))
         with timer.phase("data"):
-            micro_batches = []
+            micro_batches, digest = [], 0
             for _ in range(accum):
-                samples = [data.train[i] for i in next(batches)]
+                indices = next(batches)
+                digest += sample_digest(indices)
+                samples = [data.train[i] for i in indices]
                 mb = collate(samples, pad_token_id=pad_id)
                 lengths = torch.tensor([len(x["input_ids"]) for x in samples])
                 real = torch.arange(mb["input_ids"].shape[1]) < lengths[:, None]  # (B, T) not padding
@@ -263,7 +270,8 @@ def main(cfg: Config) -> TrainOutput:
                 micro_batches.append(mb)
                 window_real, window_slots = window_real + int(lengths.sum()), window_slots + real.numel()
         with timer.phase("comm"):
-            global_tokens = int(reduce_sum(torch.tensor([count_targets(micro_batches)], device=device)).item())
+            counts = reduce_sum(torch.tensor([count_targets(micro_batches), digest], device=device))
+            global_tokens, step_digest = (int(x) for x in counts.tolist())
         scale = backward_scale(global_tokens, world, engine_divides_by)
 
         with timer.phase("fwd_bwd"):
@@ -274,10 +282,12 @@ def main(cfg: Config) -> TrainOutput:
                 if engine is not None:  # DeepSpeed reduces (ZeRO-1) or finishes reducing at the boundary
                     engine.set_gradient_accumulation_boundary(last)
                     s, _ = model(**mb)
+                    s = s * float("nan") if injected_fault("nan_loss", step, rank) else s
                     engine.backward(s * scale)
                 else:  # DDP all-reduces on the last micro-batch only
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         s, _ = model(**mb)
+                        s = s * float("nan") if injected_fault("nan_loss", step, rank) else s
                         accelerator.backward(s * scale)
                 loss_sum += s.detach().float()
 
@@ -316,10 +326,11 @@ def main(cfg: Config) -> TrainOutput:
 
         if step % cfg.logging.logging_steps == 0 or step == total_steps:
             metrics = {
-                "train/loss": sum(window_losses) / max(1, len(window_losses)),
+                "train/loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
                 "train/learning_rate": scheduler.get_last_lr()[0],
                 "train/grad_norm": grad_norm,
                 "train/skipped_steps": state["skipped_steps"],
+                "data/last_step_digest": step_digest,
                 "train/epoch": state["samples_consumed"] / (steps_per_epoch * global_batch),
                 "data/batch_fill": window_real / max(1, window_slots),
                 **meter.compute(step, timer=timer, reduce=reduce_sum),
@@ -340,12 +351,16 @@ def main(cfg: Config) -> TrainOutput:
             if not saved:
                 result = save(step)
             tracker.event("preempted", step, signal=preemption.signum, checkpoint=str(ckpt_root))
+            if is_main:
+                write_exit_status("preempted", REQUEUE_EXIT_CODE, step)
             tracker.close(exit_code=REQUEUE_EXIT_CODE)
             bar.close()
             logger.warning("preempted: checkpoint at step %d committed; exiting with %d for requeue",
                            step, REQUEUE_EXIT_CODE)
             raise SystemExit(REQUEUE_EXIT_CODE)
     bar.close()
+    if cfg.checkpoint.save_steps and step > 0 and not (ckpt_root / step_dir_name(step)).exists():
+        save(step)  # the final state, e.g. a run resumed at its last step into a new output directory
 
     if data.eval is not None and (not eval_losses or not cfg.train.eval_steps or step % cfg.train.eval_steps):
         eval_losses.append(evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype))

@@ -1,0 +1,270 @@
+"""Every distributed promise with real processes on CPU (gloo; DeepSpeed with DS_ACCELERATOR=cpu).
+
+All runs share one setup: a tiny Llama (fp32, built whole so every mode starts from the same weights),
+global batch 6 (micro-batch 1 x accumulation 6/world), 4 steps, a checkpoint every 2. The reference is
+the single process with no DeepSpeed. Every subprocess has a hard time limit.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, write_tiny_llama
+
+from distsft.checkpoint import assemble, find_resume_checkpoint, verify
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TRAIN = str(REPO / "distsft" / "train.py")
+GLOBAL_BATCH = 6
+LIMIT = 300  # seconds for any one launch
+ATOL = 2e-5  # loss agreement across world sizes and ZeRO stages (fp32; summation order differs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Runner:
+    def __init__(self, root: Path):
+        self.root = root
+        self.model = write_tiny_llama(root / "model")
+        self.env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def overrides(self, out: Path, world: int, mode: str, extra: dict) -> list[str]:
+        o = {
+            "model.init_from_config": self.model, "model.tokenizer": "builtin:tiny-llama", "model.dtype": "float32",
+            "model.attn_implementation": "eager", "model.zero_init": "false", "lora.r": 8,
+            "data.max_seq_len": 256, "data.cache_dir": self.root / "cache",
+            "train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": GLOBAL_BATCH // world,
+            "train.max_steps": 4, "train.learning_rate": 3e-3, "train.output_dir": out,
+            "checkpoint.save_steps": 2, "logging.logging_steps": 1, "logging.progress_bar": "false",
+            "kernels.backend": "torch",
+        }
+        if mode.startswith("zero"):
+            o["distributed.deepspeed_config"] = REPO / "ds_configs" / f"{mode}.json"
+        o.update(extra)
+        return [f"{k}={v}" for k, v in o.items()]
+
+    def command(self, out: Path, world: int, mode: str, extra: dict) -> list[str]:
+        args = self.overrides(out, world, mode, extra)
+        if mode == "single":
+            assert world == 1
+            return [sys.executable, TRAIN, *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                TRAIN, *args]
+
+    def run(self, name: str, world: int, mode: str, expect_rc: int | None = 0, env: dict | None = None,
+            **extra) -> "Result":
+        out = self.root / name
+        proc = subprocess.run(self.command(out, world, mode, extra), cwd=self.root, env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=LIMIT)
+        if expect_rc is not None and proc.returncode != expect_rc:
+            raise AssertionError(f"{name}: exit {proc.returncode}, expected {expect_rc}\n{proc.stderr[-4000:]}")
+        return Result(out, proc)
+
+
+class Result:
+    def __init__(self, out: Path, proc):
+        self.out, self.proc = out, proc
+
+    def records(self) -> list[dict]:
+        return [json.loads(x) for x in (self.out / "metrics.jsonl").read_text().splitlines()]
+
+    def series(self, key: str) -> dict[int, float]:
+        return {r["step"]: r[key] for r in self.records() if key in r}
+
+
+def copy_checkpoint(src: Result, step: int, dest: Path) -> Path:
+    import shutil
+
+    target = dest / "checkpoints" / f"step-{step:08d}"
+    shutil.copytree(src.out / "checkpoints" / f"step-{step:08d}", target)
+    return target
+
+
+def whole_state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    frags = []
+    for idx in sorted((path / "shards").glob("rank-*.json")):
+        tensors = load_file(str(idx.with_suffix(".safetensors")))
+        for e in json.loads(idx.read_text()):
+            frags.append({**e, "tensors": {k: tensors[f"{k}/{e['name']}"] for k in e["keys"]}})
+    return assemble(frags)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    return Runner(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="module")
+def full_runs(runner):
+    """Uninterrupted 4-step runs in every mode (each also leaves its step-2 checkpoint)."""
+    return {
+        "single": runner.run("single", 1, "single"),
+        "ddp2": runner.run("ddp2", 2, "ddp"),
+        "zero2_2": runner.run("zero2_2", 2, "zero2"),
+        "zero3_2": runner.run("zero3_2", 2, "zero3"),
+    }
+
+
+def assert_same_curve(a: Result, b: Result, steps, atol=ATOL):
+    la, lb = a.series("train/loss"), b.series("train/loss")
+    da, db = a.series("data/last_step_digest"), b.series("data/last_step_digest")
+    for s in steps:
+        assert da[s] == db[s], f"step {s}: other samples ({da[s]} vs {db[s]})"
+        assert abs(la[s] - lb[s]) <= atol, f"step {s}: loss {la[s]} vs {lb[s]}"
+
+
+def test_every_mode_matches_the_single_process(full_runs):
+    ref = full_runs["single"]
+    for name in ("ddp2", "zero2_2", "zero3_2"):
+        run = full_runs[name]
+        assert json.loads((run.out / "summary.json").read_text())["world_size"] == 2, name  # gloo fix held
+        assert_same_curve(ref, run, steps=(1, 2, 3, 4))
+        # Each rank wrote its own shard (ZeRO) or rank 0 wrote all (DDP): never the frozen base weights.
+        shards = sorted(p.name for p in (run.out / "checkpoints" / "step-00000004" / "shards").glob("*.safetensors"))
+        assert shards == (["rank-00000.safetensors"] if name == "ddp2"
+                          else ["rank-00000.safetensors", "rank-00001.safetensors"]), name
+
+
+@pytest.mark.parametrize(
+    "source, world, mode",
+    [
+        ("ddp2", 1, "single"),  # 2 -> 1
+        ("single", 2, "ddp"),  # 1 -> 2
+        ("ddp2", 3, "ddp"),  # 2 -> 3
+        ("zero3_2", 3, "zero2"),  # ZeRO-3 on 2 -> ZeRO-2 on 3
+        ("zero2_2", 1, "single"),  # ZeRO-2 on 2 -> single process
+    ],
+)
+def test_resume_on_another_world_size_and_stage(runner, full_runs, source, world, mode):
+    name = f"resume_{source}_to_{mode}{world}"
+    copy_checkpoint(full_runs[source], 2, runner.root / name)
+    resumed = runner.run(name, world, mode, **{"checkpoint.resume_from_checkpoint": "auto"})
+    assert any(r.get("event") == "resumed" for r in resumed.records())
+    changed = [r for r in resumed.records() if r.get("event") == "world_size_changed"]
+    assert bool(changed) == (world != 2 and source != "single" or world != 1 and source == "single")
+    # The steps after the resume see the uninterrupted run's samples and losses.
+    assert_same_curve(full_runs["single"], resumed, steps=(3, 4))
+
+
+@pytest.mark.parametrize("source, world, mode", [("zero3_2", 3, "zero2"), ("ddp2", 1, "single")])
+def test_optimizer_state_after_loading_equals_what_was_saved(runner, full_runs, source, world, mode):
+    """Load on another world size / stage, then save again at once: every parameter and Adam moment,
+    reassembled, equals the original checkpoint's exactly."""
+    saved = full_runs[source].out / "checkpoints" / "step-00000002"
+    name = f"resave_{source}_to_{mode}{world}"
+    resaved = runner.run(name, world, mode, **{"checkpoint.resume_from_checkpoint": saved, "train.max_steps": 2})
+    a, b = whole_state(saved), whole_state(resaved.out / "checkpoints" / "step-00000002")
+    assert a.keys() == b.keys() and len(a) > 0
+    for n in a:
+        assert a[n]["tensors"].keys() == b[n]["tensors"].keys() == {"param", "exp_avg", "exp_avg_sq"}, n
+        for k in a[n]["tensors"]:
+            assert torch.equal(a[n]["tensors"][k], b[n]["tensors"][k]), (n, k)
+        assert a[n]["scalars"] == b[n]["scalars"] == {"step": 2.0}, n
+
+
+def test_rank_killed_during_save_leaves_previous_checkpoint(runner, full_runs):
+    t0 = time.monotonic()
+    crashed = runner.run("killed", 2, "zero2", expect_rc=None, env={"DISTSFT_TEST_FAULT": "kill_in_save@4@1"})
+    assert crashed.proc.returncode != 0
+    assert time.monotonic() - t0 < 120, "a dead rank must end the job promptly"
+    ckpts = crashed.out / "checkpoints"
+    assert (ckpts / ".staging-step-00000004").is_dir()  # the interrupted save, never committed
+    assert find_resume_checkpoint(crashed.out, "auto") == ckpts / "step-00000002"
+    resumed = runner.run("killed", 2, "zero2", **{"checkpoint.resume_from_checkpoint": "auto"})
+    verify(ckpts / "step-00000004")
+    assert_same_curve(full_runs["single"], resumed, steps=(3, 4))
+
+
+def test_sigterm_to_one_rank_saves_once_and_exits_with_requeue_code(runner):
+    out = runner.root / "preempt"
+    status = runner.root / "preempt-status.json"
+    cmd = runner.command(out, 2, "ddp", {"train.max_steps": 400, "checkpoint.save_steps": 0})
+    agent = subprocess.Popen(cmd, cwd=runner.root, env={**runner.env, "DISTSFT_STATUS_FILE": str(status)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + LIMIT
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and '"train/loss"' in metrics.read_text()):
+            assert agent.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        rank1 = next(int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(agent.pid)], text=True).split()
+                     if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+        os.kill(rank1, signal.SIGTERM)
+        os.kill(rank1, signal.SIGTERM)  # a second signal must not start a second save
+        t0 = time.monotonic()
+        output, _ = agent.communicate(timeout=LIMIT)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert time.monotonic() - t0 < 30, "signal to exit must fit in torchrun's/Slurm's grace period"
+    assert "exitcode  : 75" in output, output[-3000:]
+    committed = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(committed) == 1 and committed[0].startswith("step-"), committed
+    step = int(committed[0].split("-")[1])
+    assert 1 <= step < 400
+    assert json.loads(status.read_text()) == {"reason": "preempted", "exit_code": 75, "step": step}
+    verify(out / "checkpoints" / committed[0])
+
+
+def test_two_torchrun_agents_train_checkpoint_and_resume(runner, full_runs):
+    """The multi-node path: two agents (nodes) of one process each, through launch/multinode.sh."""
+    out = runner.root / "nodes"
+
+    def both(**extra):
+        port = free_port()
+        args = runner.overrides(out, 2, "ddp", extra)
+        procs = [subprocess.Popen(["bash", str(REPO / "launch" / "multinode.sh"), *args], cwd=runner.root,
+                                  env={**runner.env, "NNODES": "2", "NODE_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                                       "MASTER_PORT": str(port), "GPUS_PER_NODE": "1"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+        outputs = [p.communicate(timeout=LIMIT)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    both()
+    assert_same_curve(full_runs["single"], Result(out, None), steps=(1, 2, 3, 4))
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if the job had died after step 2's save
+    both(**{"checkpoint.resume_from_checkpoint": "auto"})
+    verify(out / "checkpoints" / "step-00000004")
+    assert_same_curve(full_runs["single"], Result(out, None), steps=(3, 4))  # the resumed records win
+
+
+def test_nonfinite_loss_is_skipped_everywhere_or_aborts(runner, full_runs):
+    skipped = runner.run("nan_skip", 2, "zero2", env={"DISTSFT_TEST_FAULT": "nan_loss@1@1"})
+    assert skipped.series("train/skipped_steps") == {1: 0, 2: 1, 3: 1, 4: 1}
+    assert skipped.series("train/loss")[2] is None  # logged as null, never as a number
+    for p in (skipped.out / "checkpoints").glob("step-*/shards/*.safetensors"):  # never a NaN checkpoint
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(str(p)).values()), p
+    status = runner.root / "nan-status.json"
+    aborted = runner.run("nan_abort", 1, "single", expect_rc=65,
+                         env={"DISTSFT_TEST_FAULT": "nan_loss@1@0", "DISTSFT_STATUS_FILE": str(status)},
+                         **{"distributed.nonfinite_loss": "abort"})
+    assert "non-finite" in aborted.proc.stderr
+    assert json.loads(status.read_text())["exit_code"] == 65
+    assert not (aborted.out / "checkpoints" / "step-00000002").exists()
+
+
+def test_changed_global_batch_is_refused(runner, full_runs):
+    name = "batch_change"
+    copy_checkpoint(full_runs["single"], 2, runner.root / name)
+    refused = runner.run(name, 1, "single", expect_rc=None, **{"checkpoint.resume_from_checkpoint": "auto",
+                                                                "train.gradient_accumulation_steps": 3})
+    assert refused.proc.returncode != 0
+    assert "global batch of 6" in refused.proc.stderr and "allow_global_batch_change" in refused.proc.stderr
