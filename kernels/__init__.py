@@ -1,1 +1,92 @@
-"""distsft Triton kernels (installed as `distsft_kernels`)."""
+"""distsft Triton kernels, installed as `distsft_kernels` (never as `kernels`: see DESIGN.md).
+
+Functional entry points (each a `torch.autograd.Function` underneath) and their PyTorch references:
+
+    rms_norm(x, weight, eps=1e-6, *, offset=0.0, casting="llama")          rms_norm_ref
+    rope(q, k, cos, sin) -> (q, k)   (in place)                             rope_ref
+    swiglu(gate, up), geglu(gate, up), gated_activation(gate, up, act)      swiglu_ref, geglu_ref
+    cross_entropy(logits, targets, *, ignore_index, label_smoothing, softcap, inplace)
+        -> (loss_sum, n_valid)                                              cross_entropy_ref
+    fused_linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, label_smoothing, softcap)
+        -> (loss_sum, n_valid)                                              fused_linear_cross_entropy_ref
+
+Importing this package decorates the Triton kernels, which is when Triton decides between compiling
+for a GPU and interpreting on CPU: set `TRITON_INTERPRET=1` before the first import to interpret.
+`HAS_TRITON` is False where Triton is not installed; the references still work then.
+"""
+
+from __future__ import annotations
+
+import sys as _sys
+
+if __name__ != "distsft_kernels":
+    # This folder was found as `kernels` because the repository root is on sys.path (`python -m ...`
+    # from the root). That name belongs to the PyPI package transformers and bitsandbytes probe for:
+    # hand the import to it if it is installed, else to an empty placeholder that reads as "absent"
+    # (no __file__, no version, nothing to import from it). Raising instead would crash transformers
+    # 5.17, whose availability check imports the package unguarded.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import types as _types
+    from pathlib import Path as _Path
+
+    _root = _Path(__file__).resolve().parent.parent
+    _elsewhere = [p for p in _sys.path if _Path(p or ".").resolve() != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
+    else:
+        _module = _types.ModuleType(__name__, "placeholder: distsft's kernels/ folder is not the PyPI `kernels`")
+        _module.__path__ = []  # a package with nothing in it, like an empty namespace package
+        _module.__spec__ = _machinery.ModuleSpec(__name__, None, is_package=True)
+        _module.__spec__.submodule_search_locations = []
+        _sys.modules[__name__] = _module
+else:
+    from .reference import (
+        cross_entropy_ref,
+        fused_linear_cross_entropy_ref,
+        geglu_ref,
+        rms_norm_ref,
+        rope_ref,
+        swiglu_ref,
+    )
+
+    try:
+        from ._common import INTERPRETED, triton_can_run
+        from .cross_entropy import cross_entropy
+        from .fused_linear_cross_entropy import fused_linear_cross_entropy
+        from .rms_norm import rms_norm
+        from .rope import rope
+        from .swiglu import gated_activation, geglu, swiglu
+
+        HAS_TRITON = True
+    except ModuleNotFoundError as e:  # no triton on this platform: references only
+        if e.name != "triton":
+            raise
+        HAS_TRITON = False
+        INTERPRETED = False
+
+        def triton_can_run(t) -> bool:
+            return False
+
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRETED",
+    "triton_can_run",
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "gated_activation",
+    "geglu",
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "cross_entropy_ref",
+    "fused_linear_cross_entropy_ref",
+    "geglu_ref",
+    "rms_norm_ref",
+    "rope_ref",
+    "swiglu_ref",
+]

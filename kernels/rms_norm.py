@@ -1,0 +1,152 @@
+"""RMSNorm, Llama and Gemma flavours, fused forward and backward.
+
+Forward, per row x of length d (all arithmetic in fp32):
+    rstd = 1 / sqrt(mean(x^2) + eps),  xhat = x * rstd
+    casting="llama":  y = (offset + w) * xhat.to(x.dtype)      (HF LlamaRMSNorm; offset is 0)
+    casting="gemma":  y = ((offset + w) * xhat).to(x.dtype)    (HF GemmaRMSNorm; offset is 1: y = xhat * (1 + w))
+Backward, with g = dy * (offset + w):
+    dx = rstd * (g - xhat * mean(g * xhat))
+    dw = sum over rows of dy * xhat'   (xhat' = xhat.to(x.dtype) for llama, xhat for gemma)
+The casts are treated as the identity in the backward, as autograd does.
+
+Shapes: x (..., d) with a contiguous last dim, w (d,). Output dtype: llama: promote(x, w) (as HF's
+`weight * hidden.to(input_dtype)`), gemma: x.dtype. Saved for backward: x, w and rstd (fp32, one per
+row); xhat is recomputed. dw is computed only when w requires grad (a frozen norm under LoRA costs
+nothing extra); it is reduced per program in fp32, then across programs with torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cast_out, num_programs, row_block
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps, offset,
+    GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    xhat = x * rstd[:, None]
+    w = offset + tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if not GEMMA:  # llama: round the normalised row to the input dtype before the weight
+        xhat = cast_out(xhat, X.dtype.element_ty).to(tl.float32)
+    y = xhat * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_out(y, Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DX, DW, n_rows, n_cols, rows_per_program, stride_dy, stride_x, stride_dx, offset,
+    GEMMA: tl.constexpr, HAS_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Each program owns rows [row_start, row_end) and keeps its share of dw in registers.
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = offset + tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = x * rstd[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * xhat, axis=1) / n_cols
+        dx = (g - xhat * c[:, None]) * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_out(dx, DX.dtype.element_ty), mask=mask)
+        if HAS_DW:
+            if not GEMMA:
+                xhat = cast_out(xhat, X.dtype.element_ty).to(tl.float32)
+            dw += tl.sum(dy * xhat, axis=0)
+    if HAS_DW:
+        tl.store(DW + pid * n_cols + cols, dw, mask=col_mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])  # (rows, d)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rms_norm_forward(x, weight, eps: float, offset: float, gemma: bool):
+    """Launch the forward. Returns (y with x's shape, x as (rows, d), rstd (rows,) fp32)."""
+    x2 = _as_rows(x)
+    n_rows, n_cols = x2.shape
+    out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: callers may rotate it in place
+    y2 = y.view(n_rows, n_cols)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block_n, block_m, warps = row_block(n_cols)
+    grid = (triton.cdiv(n_rows, block_m),)
+    _rms_norm_fwd_kernel[grid](
+        x2, weight, y2, rstd, n_rows, n_cols, x2.stride(0), y2.stride(0), eps, offset,
+        GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return y, x2, rstd
+
+
+def rms_norm_backward(dy, x2, weight, rstd, offset: float, gemma: bool, need_dw: bool):
+    """Launch the backward. Returns (dx (rows, d) in x's dtype, dw or None)."""
+    dy2 = _as_rows(dy)
+    n_rows, n_cols = x2.shape
+    dx = torch.empty_like(x2)
+    block_n, block_m, warps = row_block(n_cols)
+    n_blocks = triton.cdiv(n_rows, block_m)
+    # Without dw: one row block per program. With dw: 4 row blocks per program (at most 32 programs per SM,
+    # which bounds the partials), each program reducing its rows' share of dw in registers; the (programs, d)
+    # fp32 partials are then summed by torch. On an H100 (16384 x 4096 bf16, launch/results/kernels_h100.md)
+    # this took 200 us for the kernel + sum (68% of copy bandwidth) against 177-187 us with 8-32 row blocks
+    # per program, but was the fastest of the two end to end.
+    grid = min(triton.cdiv(n_blocks, 4), 32 * num_programs(x2.device)) if need_dw else n_blocks
+    rows_per_program = triton.cdiv(n_blocks, grid) * block_m
+    grid = triton.cdiv(n_rows, rows_per_program)
+    dw_partial = torch.empty((grid, n_cols) if need_dw else (1,), dtype=torch.float32, device=x2.device)
+    _rms_norm_bwd_kernel[(grid,)](
+        dy2, x2, weight, rstd, dx, dw_partial, n_rows, n_cols, rows_per_program,
+        dy2.stride(0), x2.stride(0), dx.stride(0), offset,
+        GEMMA=gemma, HAS_DW=need_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None  # fp32 across programs
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, gemma):
+        y, x2, rstd = rms_norm_forward(x, weight, eps, offset, gemma)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        need_dw = ctx.needs_input_grad[1]
+        dx, dw = rms_norm_backward(dy, x2, weight, rstd, ctx.offset, ctx.gemma, need_dw)
+        return dx.view(ctx.x_shape), dw, None, None, None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0, casting: str = "llama"
+) -> torch.Tensor:
+    """RMSNorm over the last dim. Llama: `rms_norm(x, w, eps)`; Gemma: `offset=1.0, casting="gemma"`."""
+    if casting not in ("llama", "gemma"):
+        raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")

@@ -1,0 +1,204 @@
+"""`distsft.patching` on tiny models of every supported architecture, wrapped with peft LoRA, against an
+unpatched deep copy: counts, logits, loss, every LoRA gradient, 20 AdamW steps, revert, error paths."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import transformers
+from kernel_tolerances import DEVICE, assert_model_close
+from peft import LoraConfig, get_peft_model
+
+from distsft.config import KernelsConfig
+from distsft.patching import ARCHITECTURES, _use_triton, apply_kernels, revert_kernels, select_loss_fn
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy exp, interpreter
+
+LAYERS = 2
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+CONFIGS = {  # model_type -> (config, attention implementation)
+    "llama": (lambda: transformers.LlamaConfig(**COMMON), "sdpa"),
+    "mistral": (lambda: transformers.MistralConfig(**COMMON, sliding_window=6), "sdpa"),
+    "qwen2": (lambda: transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=6,
+                                               max_window_layers=1), "sdpa"),
+    "qwen3": (lambda: transformers.Qwen3Config(**COMMON), "sdpa"),
+    "gemma": (lambda: transformers.GemmaConfig(**COMMON), "sdpa"),
+    # eager: the attention soft-capping (50) is only applied by the eager path
+    "gemma2": (lambda: transformers.Gemma2Config(**COMMON, sliding_window=6, query_pre_attn_scalar=16,
+                                                 attn_logit_softcapping=5.0), "eager"),
+}
+EXPECTED = {  # written out per architecture, not derived from the patcher's own table
+    "llama": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "mistral": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "qwen2": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "qwen3": {"rms_norm": 4 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},  # + q_norm, k_norm
+    "gemma": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "gemma2": {"rms_norm": 4 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},  # + pre/post feed-forward
+}
+
+
+def _lora_model(arch, **config_overrides):
+    make, attn = CONFIGS[arch]
+    config = make()
+    config.use_cache = False  # as the trainer does; with a cache HF builds packed-sequence masks differently
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    # init_lora_weights=False: B is random too, so that every LoRA parameter gets a gradient
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False)).to(DEVICE)
+
+
+def _batch(step=0):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+    # packed rows: documents of 7 and 5 tokens, positions restart at 0
+    pos = torch.cat([torch.arange(7), torch.arange(5)]).expand(2, 12)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt
+    return {k: v.to(DEVICE) for k, v in dict(input_ids=ids, position_ids=pos, labels=labels).items()}
+
+
+def _lora_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _run_step(model):
+    model.zero_grad(set_to_none=True)
+    out = model(**_batch())
+    out.loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_patched_model_matches_hf(arch):
+    assert set(ARCHITECTURES) == set(CONFIGS)
+    model = _lora_model(arch)
+    hf = copy.deepcopy(model)
+    report = apply_kernels(model, KernelsConfig())
+    assert report.counts == EXPECTED[arch]
+
+    out, ref = _run_step(model), _run_step(hf)
+    assert_model_close(f"{arch} logits", out.logits, ref.logits)
+    assert_model_close(f"{arch} loss", out.loss, ref.loss)
+    grads, ref_grads = _lora_grads(model), _lora_grads(hf)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        assert g is not None and ref_grads[name].abs().max() > 0, name
+        assert_model_close(f"{arch} grad {name}", g, ref_grads[name])
+
+    # Reverting restores HF's forwards exactly: bitwise equal to the copy that was never patched.
+    revert_kernels(model, report)
+    assert not any("forward" in m.__dict__ or hasattr(m, "_distsft_kernel") for m in model.modules())
+    with torch.no_grad():
+        batch = _batch()
+        assert torch.equal(model(**batch).logits, hf(**batch).logits)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_loss_curve_20_adamw_steps(arch):
+    model = _lora_model(arch)
+    hf = copy.deepcopy(model)
+    apply_kernels(model, KernelsConfig())
+    curves = []
+    for m in (model, hf):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
+        losses = []
+        for step in range(20):
+            opt.zero_grad(set_to_none=True)
+            loss = m(**_batch(step % 2)).loss  # two batches, alternating: it must learn them
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        curves.append(torch.stack(losses))
+    assert curves[1][-1] < curves[1][0]  # it trains
+    assert_model_close(f"{arch} loss curve", curves[0], curves[1])
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_torch_backend_is_bitwise_hf(arch):
+    """Backend `torch` runs the references through our bound forwards: identical to HF, bit for bit,
+    which also checks that the attention forward mirrors HF's (projections, sliding window, softcap)."""
+    model = _lora_model(arch)
+    hf = copy.deepcopy(model)
+    apply_kernels(model, KernelsConfig(backend="torch"))
+    out, ref = _run_step(model), _run_step(hf)
+    assert torch.equal(out.logits, ref.logits)
+    for name, g in _lora_grads(model).items():
+        assert torch.equal(g, _lora_grads(hf)[name]), name
+
+
+def test_flags_bare_model_gradient_checkpointing_and_double_patch():
+    model = _lora_model("llama").get_base_model()  # a bare HF model works too
+    hf = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    report = apply_kernels(model, KernelsConfig(rope=False))
+    assert report.counts == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS}
+    assert "forward" not in model.model.layers[0].self_attn.__dict__
+    out, ref = _run_step(model), _run_step(hf)
+    assert_model_close("checkpointed loss", out.loss, ref.loss)
+    for name, g in _lora_grads(model).items():
+        assert_model_close(f"checkpointed grad {name}", g, _lora_grads(hf)[name])
+    with pytest.raises(ValueError, match="already patched"):
+        apply_kernels(model, KernelsConfig())
+    assert report.counts == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS}  # the failed call undid itself
+    revert_kernels(model, report)
+    with pytest.raises(ValueError, match="another model"):
+        revert_kernels(hf, apply_kernels(model, KernelsConfig()))
+
+
+def test_unsupported_architecture_error_and_warn(caplog):
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported.*gemma, gemma2, llama, mistral, qwen2, qwen3"):
+        apply_kernels(model, KernelsConfig())
+    with caplog.at_level(logging.WARNING, logger="distsft.patching"):
+        report = apply_kernels(model, KernelsConfig(on_unsupported="warn"))
+    assert "gpt2" in caplog.text and report.skipped and report.counts == {}
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_unsupported_activation_error_and_warn(caplog):
+    with pytest.raises(ValueError, match="kernels.swiglu"):
+        apply_kernels(_lora_model("llama", hidden_act="relu"), KernelsConfig())
+    model = _lora_model("llama", hidden_act="relu")
+    with caplog.at_level(logging.WARNING, logger="distsft.patching"):
+        report = apply_kernels(model, KernelsConfig(on_unsupported="warn"))
+    assert report.counts["swiglu"] == 0 and report.counts["rms_norm"] == 2 * LAYERS + 1
+
+
+def test_triton_backend_insists():
+    with pytest.raises(RuntimeError, match="backend=triton"):
+        _use_triton("triton", torch.empty(1, device="meta"))
+    assert not _use_triton("auto", torch.empty(1, device="meta"))
+    assert not _use_triton("torch", torch.empty(1))
+
+
+@pytest.mark.parametrize("kind", ["fused", "ce", "reference"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: final logit soft-capping
+def test_loss_fn_matches_hf_loss(kind, arch):
+    model = _lora_model(arch)
+    apply_kernels(model, KernelsConfig(rope=False, swiglu=False))
+    cfg = KernelsConfig(fused_linear_cross_entropy=kind == "fused", cross_entropy=kind == "ce")
+    loss_fn = select_loss_fn(cfg)
+    causal_lm = model.get_base_model()
+    batch = _batch()
+
+    hidden = causal_lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), d): row i predicts token i+1
+    targets = batch["labels"][:, 1:].reshape(-1)
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    loss_sum, n = loss_fn(hidden, causal_lm.lm_head.weight, targets, softcap=softcap)
+    assert n.item() == int((targets != -100).sum())
+    (loss_sum / n).backward()
+    grads = {k: g.clone() for k, g in _lora_grads(model).items()}
+
+    model.zero_grad(set_to_none=True)
+    hf_loss = model(**batch).loss  # HF ForCausalLMLoss: shift, fp32, mean over targets
+    hf_loss.backward()
+    assert_model_close(f"{kind} loss", loss_sum / n, hf_loss)
+    for name, g in _lora_grads(model).items():
+        assert_model_close(f"{kind} grad {name}", grads[name], g)

@@ -1,0 +1,59 @@
+"""RMSNorm kernel (Llama and Gemma casting) against the reference: output, dx and dw."""
+
+import pytest
+import torch
+from distsft_kernels import rms_norm, rms_norm_ref
+from kernel_tolerances import check_against_reference
+
+SHAPES = [(4, 64), (3, 41, 123), (2, 7, 4, 128)]  # power of two; odd; Qwen3 q_norm over head_dim
+VARIANTS = [("llama", 0.0), ("gemma", 1.0)]
+
+
+def _inputs(shape, device):
+    x = torch.randn(shape, device=device) * 2 + 0.5
+    w = torch.randn(shape[-1], device=device) * 0.1 + 1.0
+    return [x, w]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("casting,offset", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_matches_reference(shape, casting, offset, dtype, device):
+    x, w = _inputs(shape, device)
+    if casting == "gemma":
+        w = w - 1.0  # Gemma stores w with y = xhat * (1 + w)
+    check_against_reference(
+        f"rms_norm[{casting}]",
+        lambda x, w: rms_norm(x, w, 1e-6, offset=offset, casting=casting),
+        lambda x, w: rms_norm_ref(x, w, 1e-6, offset=offset, casting=casting),
+        [x, w], dtype,
+    )
+
+
+@pytest.mark.parametrize("casting,offset", VARIANTS)
+def test_frozen_weight_gets_no_gradient(casting, offset, device):
+    x, w = _inputs((5, 123), device)
+    xk = x.clone().requires_grad_()
+    y = rms_norm(xk, w, 1e-5, offset=offset, casting=casting)  # w does not require grad (LoRA)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    xr = x.clone().requires_grad_()
+    (rms_norm_ref(xr, w, 1e-5, offset=offset, casting=casting) * g).sum().backward()
+    assert w.grad is None
+    torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_precision_output_dtype_follows_hf(device):
+    """Llama: fp32 weight times bf16 normalised row -> fp32 (HF's promotion); Gemma: the input dtype."""
+    x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+    w = torch.randn(64, device=device)
+    assert rms_norm(x, w).dtype == rms_norm_ref(x, w).dtype == torch.float32
+    assert rms_norm(x, w, offset=1.0, casting="gemma").dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_llama3_8b_shape(dtype, cuda):
+    x, w = _inputs((16384, 4096), cuda)
+    check_against_reference("rms_norm[8B]", lambda x, w: rms_norm(x, w, 1e-5), lambda x, w: rms_norm_ref(x, w, 1e-5),
+                            [x, w], dtype)
