@@ -95,14 +95,14 @@ def configure_deepspeed(accelerator, *, micro_batch: int, accum: int, max_grad_n
         "train_batch_size": micro_batch * accum * accelerator.num_processes,
         "gradient_clipping": float(max_grad_norm),
     }
-    for key, value in ours.items():
+    for key, value in ours.items():  # check everything before changing anything
         current = ds.get(key, "auto")
         if current not in ("auto", None) and current != value:
             raise ValueError(
                 f"DeepSpeed config sets {key}={current}, but the trainer's settings give {value}: set it to "
                 f'"auto" in the JSON (the trainer owns it) or change the train.* setting'
             )
-        ds[key] = value
+    ds.update(ours)
     # Precision is the model's (model.dtype): DeepSpeed keeps fp32 master weights for bf16/fp16 ones.
     for key, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
         section = ds.setdefault(key, {})

@@ -182,7 +182,10 @@ def main(cfg: Config) -> TrainOutput:
 
     # Resume: the trainable state, optimizer, schedule and the data position (a global sample count).
     state = {"global_step": 0, "samples_consumed": 0, "tokens_consumed": 0, "skipped_steps": 0}
-    resume_path = find_resume_checkpoint(out_dir, cfg.checkpoint.resume_from_checkpoint)
+    # Rank 0 chooses (and verifies) the checkpoint; every rank then loads that one, whatever its view
+    # of a shared filesystem says. If rank 0 fails here, torchrun ends the others at once.
+    resume_path = broadcast_object_list(
+        [find_resume_checkpoint(out_dir, cfg.checkpoint.resume_from_checkpoint) if is_main else None])[0]
     if resume_path is not None:
         state = load_checkpoint(resume_path, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
         if state["global_batch_size"] != global_batch and not cfg.distributed.allow_global_batch_change:
