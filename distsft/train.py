@@ -94,9 +94,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool
     return out
 
 
-def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch.dtype) -> float:
+def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch.dtype,
+             preemption: PreemptionFlag) -> float | None:
     """Token-weighted eval loss over the whole eval set. Every rank runs the same number of forwards
-    (ZeRO-3 forwards are collectives); a rank with no samples left feeds a fully-masked batch."""
+    (ZeRO-3 forwards are collectives); a rank with no samples left feeds a fully-masked batch. Returns
+    None when a preemption signal arrives meanwhile (all ranks agree on it before every batch)."""
     rank, world, bs = accelerator.process_index, accelerator.num_processes, cfg.train.per_device_eval_batch_size
     mine = list(range(rank, len(dataset), world))
     n_batches = math.ceil(len(dataset) / (world * bs))
@@ -105,6 +107,9 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
+            if preemption.agreed(accelerator):
+                model.train()
+                return None
             idx = mine[b * bs : (b + 1) * bs]
             samples = [dataset[i] for i in idx] or [dataset[0]]
             batch = collate(samples, pad_token_id=pad_id)
@@ -342,9 +347,11 @@ def main(cfg: Config) -> TrainOutput:
             tracker.log(metrics, step)
             bar.log(step, metrics)
         if data.eval is not None and cfg.train.eval_steps and step % cfg.train.eval_steps == 0:
-            eval_losses.append(evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype))
-            tracker.log({"eval/loss": eval_losses[-1]}, step)
-            bar.write(f"step {step}: eval loss {eval_losses[-1]:.4f}")
+            eval_loss = evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype, preemption)
+            if eval_loss is not None:
+                eval_losses.append(eval_loss)
+                tracker.log({"eval/loss": eval_loss}, step)
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
         saved = False
         if cfg.checkpoint.save_steps and (step % cfg.checkpoint.save_steps == 0 or step == total_steps):
             result, saved = save(step), True
@@ -366,8 +373,10 @@ def main(cfg: Config) -> TrainOutput:
         save(step)  # the final state, e.g. a run resumed at its last step into a new output directory
 
     if data.eval is not None and (not eval_losses or not cfg.train.eval_steps or step % cfg.train.eval_steps):
-        eval_losses.append(evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype))
-        tracker.log({"eval/loss": eval_losses[-1]}, step)
+        eval_loss = evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype, preemption)
+        if eval_loss is not None:
+            eval_losses.append(eval_loss)
+            tracker.log({"eval/loss": eval_loss}, step)
 
     # Export: the adapter in PEFT format plus the tokenizer; optionally the merged model.
     adapter, adapter_dir = adapter_state_dict(), out_dir / "adapter"

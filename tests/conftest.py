@@ -17,27 +17,10 @@ if not torch.cuda.is_available():
     # any test module may trigger: set it here, before collection, not in tests/kernels only.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-DEMO_TOKENIZER = "builtin:tiny-llama"
-
-
-def write_tiny_llama(directory: Path, **overrides) -> Path:
-    """A 2-layer Llama config (GQA, vocab of the demo tokenizer) as `directory/config.json`."""
-    base = json.loads((REPO / "distsft" / "assets" / "tiny-llama" / "config.json").read_text())
-    base.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16)
-    base.update(overrides)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(base))
-    return directory
+from _support import write_tiny_llama  # noqa: E402
 
 
 @pytest.fixture
-def tiny_model_dir(tmp_path) -> Path:
+def tiny_model_dir(tmp_path):
     return write_tiny_llama(tmp_path / "tiny-model")

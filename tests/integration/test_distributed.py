@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_tiny_llama
+from _support import REPO, write_tiny_llama
 
 from distsft.checkpoint import assemble, find_resume_checkpoint, verify
 

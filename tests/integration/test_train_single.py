@@ -38,7 +38,7 @@ def losses(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from conftest import write_tiny_llama
+    from _support import write_tiny_llama
 
     tmp = tmp_path_factory.mktemp("single")
     model_dir = write_tiny_llama(tmp / "model")
@@ -126,3 +126,17 @@ def test_merged_export_matches_adapter(runs):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_eval_every_n_steps_on_a_held_out_fraction(runs):
+    tmp = runs["tmp"]
+    out = tmp / "eval-run"
+    result = distsft.train(run_config(tmp, runs["model_dir"], out, **{
+        "train.max_steps": 4, "train.eval_steps": 2, "data.eval_fraction": 0.1, "lora.dropout": 0.0}))
+    evals = {r["step"]: r["eval/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "eval/loss" in r}
+    assert sorted(evals) == [2, 4] and all(5.0 < v < 9.0 for v in evals.values())
+    assert evals[4] < evals[2]  # it learns, measured on rows it never trained on
+    assert result.metrics["final_eval_loss"] == evals[4] and result.metrics["best_eval_loss"] == evals[4]
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["eval"]["documents"] > 0 and report["train"]["documents"] > report["eval"]["documents"]

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import yaml
+from _support import REPO
 
 from distsft.config import Config, ConfigError, load_config, parse_override
 
@@ -95,7 +96,7 @@ def test_malformed_override_and_bad_files(tmp_path):
                                            ("train.learning_rate=abc", "train.learning_rate")])
 def test_cli_bad_input_exits_nonzero_with_one_line(override, key):
     proc = subprocess.run([sys.executable, "distsft/train.py", override], capture_output=True, text=True,
-                          timeout=120, cwd=str(__import__("conftest").REPO))
+                          timeout=120, cwd=str(REPO))
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"distsft: error: {key}:"), proc.stderr

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import REPO
+from _support import REPO
 
 TRAINER_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping")
