@@ -287,16 +287,14 @@ def main(cfg: Config) -> TrainOutput:
             for i, mb in enumerate(micro_batches):
                 mb = to_device(mb, device, cfg.data.packing, cfg.model.attn_implementation, compute_dtype)
                 last = i == accum - 1
-                if engine is not None:  # DeepSpeed reduces (ZeRO-1) or finishes reducing at the boundary
+                if engine is not None:  # tells ZeRO which backward ends the step (it then reduces)
                     engine.set_gradient_accumulation_boundary(last)
+                # DDP: all-reduce on the last micro-batch only.
+                with contextlib.nullcontext() if last or engine is not None else accelerator.no_sync(model):
                     s, _ = model(**mb)
-                    s = s * float("nan") if injected_fault("nan_loss", step, rank) else s
-                    engine.backward(s * scale)
-                else:  # DDP all-reduces on the last micro-batch only
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        s, _ = model(**mb)
-                        s = s * float("nan") if injected_fault("nan_loss", step, rank) else s
-                        accelerator.backward(s * scale)
+                    if injected_fault("nan_loss", step, rank):
+                        s = s * float("nan")
+                    (engine.backward if engine is not None else accelerator.backward)(s * scale)
                 loss_sum += s.detach().float()
 
         with timer.phase("optimizer"):

@@ -134,11 +134,8 @@ def _open_hub(path: str, *, split: str, subset: str | None, revision: str | None
 
 
 def _file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
     with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
