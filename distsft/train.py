@@ -126,7 +126,6 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
 
 def main(cfg: Config) -> TrainOutput:
     check_trackers(cfg.logging)  # a missing W&B login fails here, before any GPU work
-    preemption = PreemptionFlag().install()  # from here on, SIGTERM/SIGUSR1 only set a flag
     accelerator = build_accelerator(cfg)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     logging.basicConfig(
@@ -257,6 +256,10 @@ def main(cfg: Config) -> TrainOutput:
     hf_config, lora_params = unwrapped.causal_lm.config, trainable_params(unwrapped)
     step_losses, window_losses, eval_losses, nonfinite_run = [], [], [], 0
     window_real = window_slots = 0  # non-padding tokens / (rows x padded length) fed to the model
+
+    # From here on SIGTERM/SIGUSR1 only set a flag: there is state worth saving. (Before, during data
+    # preparation and model loading, a signal ends the process at once: nothing is lost.)
+    preemption = PreemptionFlag().install()
 
     # The loop. One iteration = one optimizer step over `accum` micro-batches on every rank.
     model.train()
@@ -404,6 +407,7 @@ def main(cfg: Config) -> TrainOutput:
         **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
         "skipped_steps": state["skipped_steps"],
     }
+    preemption.restore()
     accelerator.end_training()
     return TrainOutput(global_step=step, training_loss=metrics["train_loss"], metrics=metrics)
 

@@ -1,0 +1,235 @@
+"""End-to-end LoRA SFT throughput: distsft against HF+PEFT and HF+PEFT+Liger, side by side, one GPU.
+
+    python launch/bench_e2e.py --case llama3-8b:2x2048 --case llama3-8b:1x8192 --case llama3-1b:8x2048 \
+        --out launch/results/e2e_h100.md
+
+Every provider trains the same random-initialised model of a real shape (`launch/shapes/`; speed does not
+depend on the weights) with the same loop: LoRA r=16, alpha 32 on all seven projections, bf16 weights,
+torch AdamW (fused), random tokens, loss on every position, `--steps` timed steps after `--warmup`
+(median). Each (case, provider) runs in a fresh subprocess, so Liger's class-level patches and the CUDA
+allocator's peak never leak between them.
+
+  hf      transformers + peft, SDPA, `model(input_ids, labels=...)`
+  liger   the same plus `apply_liger_kernel_to_<arch>(rope, rms_norm, swiglu, fused_linear_cross_entropy)`
+  distsft our model path: `distsft.model.CausalLMWithLoss` with `apply_kernels` + `select_loss_fn`
+          (the module `distsft/train.py` trains), summed loss / token count, same optimizer
+
+Printed per row: tokens/s, model TFLOP/s (distsft.flops: 4N per token for the frozen base + 6 per LoRA
+parameter + causal attention), MFU against the bf16 matmul ceiling measured in this run (8192^3), peak
+allocated and reserved memory, and the largest |loss - HF loss| over the timed steps (same seed, same
+batches: a parity check, not only a speed number). `--gc` turns on gradient checkpointing for all.
+`--real-data FILE` adds a distsft row that trains on FILE packed into `seq`-token slots with the data
+pipeline and reports effective (non-padding) tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROVIDERS = ("hf", "liger", "distsft")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def matmul_ceiling() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
+
+
+def build(provider: str, shape: str, gc: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(REPO / "launch" / "shapes" / shape)
+    if provider == "liger":
+        import liger_kernel.transformers as lk
+
+        getattr(lk, f"apply_liger_kernel_to_{config.model_type}")(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    if provider != "distsft":
+        return peft_model, config, lambda ids: peft_model(input_ids=ids, labels=ids).loss
+    from distsft.config import KernelsConfig
+    from distsft.model import CausalLMWithLoss
+    from distsft.patching import apply_kernels, select_loss_fn
+
+    kcfg = KernelsConfig()
+    apply_kernels(peft_model, kcfg)
+    wrapper = CausalLMWithLoss(peft_model, select_loss_fn(kcfg))
+
+    def loss(ids):
+        targets = torch.full_like(ids, -100)
+        targets[:, :-1] = ids[:, 1:]  # the same positions HF's shifted `labels=` loss covers
+        s, n = wrapper(input_ids=ids, target_ids=targets)
+        return s / n
+
+    return wrapper, config, loss
+
+
+def worker(args) -> dict:
+    import torch
+
+    from distsft.flops import train_flops
+
+    model, config, loss_fn = build(args.worker, args.shape, args.gc)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+               for _ in range(args.warmup + args.steps)]
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i, ids in enumerate(batches):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    step = statistics.median(times)
+    tokens = args.batch * args.seq
+    flops = train_flops(config, [args.seq] * args.batch, lora_params=lora)
+    return {"tokens_per_s": tokens / step, "tflops": flops / step / 1e12, "step_s": step, "losses": losses,
+            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def real_data_worker(args) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from distsft.config import DataConfig, DataSourceConfig
+    from distsft.data import build_datasets as build_data
+    from distsft.data import collate, packed_attention_kwargs
+
+    model, config, _ = build("distsft", args.shape, args.gc)
+    tok = AutoTokenizer.from_pretrained(REPO / "distsft" / "assets" / "tiny-llama")
+    data = build_data(DataConfig(sources=[DataSourceConfig(path=args.real_data)], max_seq_len=args.seq,
+                                 progress_bar=False), tok, seed=0).train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    times, real = [], []
+    for i in range(args.warmup + args.steps):
+        samples = [data[(i * args.batch + j) % len(data)] for j in range(args.batch)]
+        mb = {k: v.cuda() for k, v in collate(samples, pad_token_id=tok.pad_token_id).items()}
+        mb.update(packed_attention_kwargs(mb["position_ids"], "sdpa", torch.bfloat16))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s, n = model(**mb)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            real.append(sum(len(x["input_ids"]) for x in samples))
+    return {"tokens_per_s": sum(real) / sum(times), "packing_efficiency": data.packing_efficiency,
+            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def run_one(case: str, provider: str, args) -> dict:
+    shape, bt = case.split(":")
+    batch, seq = (int(x) for x in bt.split("x"))
+    cmd = [sys.executable, __file__, "--worker", provider, "--shape", shape, "--batch", str(batch), "--seq", str(seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--gc"] if args.gc else [])
+    if provider == "real":
+        cmd += ["--real-data", args.real_data]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", action="append", help="shape:BATCHxSEQ, e.g. llama3-8b:2x2048 (repeatable)")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing for every provider")
+    ap.add_argument("--real-data", help="also train distsft on this file, packed")
+    ap.add_argument("--out", help="write the table and its provenance (markdown) here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        result = real_data_worker(args) if args.worker == "real" else worker(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    import torch
+
+    ceiling = matmul_ceiling()
+    rows = []
+    for case in args.case or ["llama3-1b:8x2048"]:
+        results = {p: run_one(case, p, args) for p in args.providers.split(",")}
+        if args.real_data:
+            results["distsft, packed real data"] = run_one(case, "real", args)
+        ref = results.get("hf", {}).get("losses")
+        for name, r in results.items():
+            if "error" in r:
+                rows.append(f"| {case} | {name} | failed: {r['error']} | | | | |")
+                continue
+            parity = (f"{max(abs(a - b) for a, b in zip(r['losses'], ref, strict=True)):.3g}"
+                      if ref and "losses" in r else "")
+            tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
+            mfu = f"{100 * r['tflops'] * 1e12 / ceiling:.1f}%" if "tflops" in r else ""
+            note = f" (packing {100 * r['packing_efficiency']:.1f}%)" if "packing_efficiency" in r else ""
+            rows.append(f"| {case} | {name}{note} | {r['tokens_per_s']:,.0f} | {tf} | {mfu} | "
+                        f"{r['peak_alloc_gib']:.1f} / {r['peak_reserved_gib']:.1f} | {parity} |")
+        print("\n".join(rows[-len(results):]), flush=True)
+    header = ("| case (shape:batch x seq) | provider | tokens/s | model TFLOP/s | MFU vs matmul ceiling | "
+              "peak alloc / reserved GiB | max abs loss diff vs HF |\n| --- | --- | --- | --- | --- | --- | --- |")
+    table = header + "\n" + "\n".join(rows)
+    import transformers
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    provenance = (
+        f"GPU: {torch.cuda.get_device_name()}; bf16 8192^3 matmul ceiling measured in this run: {ceiling / 1e12:.0f} "
+        f"TFLOP/s; torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}; "
+        f"commit {commit.stdout.strip() or 'unknown (no .git: see the results file)'}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; gradient checkpointing {'on' if args.gc else 'off'}; "
+        f"command: python launch/bench_e2e.py {' '.join(sys.argv[1:])}"
+    )
+    print(f"\n{table}\n\n{provenance}")
+    if args.out:
+        Path(args.out).write_text(f"{table}\n\n{provenance}\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
