@@ -82,6 +82,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
 
     dtype = resolve_dtype(cfg.dtype, device)
     common = dict(trust_remote_code=cfg.trust_remote_code)
+    if cfg.load_in_4bit:
+        common.update(_quantization_kwargs(cfg, dtype, device))
     with contextlib.nullcontext() if cfg.zero_init else _without_zero_init():
         model = _build(cfg, dtype, common, seed)
     model.config.use_cache = False
@@ -89,6 +91,92 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
         # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict:
+    """bitsandbytes 4-bit loading: weights are quantized layer by layer as they load, so the full-precision
+    model never exists on the device at once."""
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    if _zero3():
+        # Seen on CPU (DeepSpeed 0.19.8, bitsandbytes 0.50): the first forward under ZeRO-3 computes with
+        # wrongly gathered 4-bit weights (the packing self-check caught it). Refuse rather than train on
+        # wrong numbers; 4-bit weights are small enough to replicate under ZeRO-2 or DDP.
+        raise ValueError("model.load_in_4bit is not supported under ZeRO-3 yet: use ZeRO-2 or DDP (the 4-bit "
+                         "base is replicated, the adapter's optimizer state is still sharded under ZeRO-2)")
+    pretrained = AutoConfig.from_pretrained(resolve_path(cfg.name_or_path), revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    if getattr(pretrained, "quantization_config", None) is not None:
+        logger.info("%s is already quantized: loading it with its own quantization settings", cfg.name_or_path)
+        return {"device_map": {"": device}}
+    compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else getattr(torch, cfg.bnb_4bit_compute_dtype)
+    storage = torch.uint8 if cfg.bnb_4bit_quant_storage == "auto" else getattr(torch, cfg.bnb_4bit_quant_storage)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
+    )
+    return {"quantization_config": quant, "device_map": {"": device}}  # each rank its copy on its device
+
+
+def merged_model(peft_model) -> nn.Module:
+    """The base model with the adapter merged in, as a plain HF model. On a 4-bit base every linear layer
+    is dequantized to its compute dtype and the LoRA update added there (merging into NF4, as peft does,
+    would re-quantize the sum and lose most of the adapter's small update)."""
+    base = peft_model.get_base_model()
+    if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base.config, "quantization_config", None)):
+        return peft_model.merge_and_unload()
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    def dequantized(layer) -> torch.Tensor:
+        if isinstance(layer, bnb.nn.Linear4bit):
+            data, state = layer.weight.data, layer.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks a CPU weight in place at its first eval forward (for its bf16
+                # kernel), and dequantize_4bit reads that layout as garbage: unpack it first.
+                data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+            w = bnb.functional.dequantize_4bit(data, state)
+            return w.to(layer.compute_dtype or w.dtype)
+        return layer.weight.data
+
+    def plain(weight: torch.Tensor, bias) -> nn.Linear:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                        device=weight.device)
+        with torch.no_grad():
+            out.weight.copy_(weight)
+            if bias is not None:
+                out.bias.copy_(bias.to(weight.dtype))
+        return out
+
+    # Parents first in named_modules order, so a replaced LoRA layer's own children are never visited.
+    for _, parent in list(base.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer):
+                layer = child.get_base_layer()
+                w = dequantized(layer)
+                for adapter in child.active_adapters:
+                    w = w + child.get_delta_weight(adapter).to(w.dtype)
+                setattr(parent, name, plain(w, layer.bias))
+            elif isinstance(child, ModulesToSaveWrapper):
+                setattr(parent, name, child.modules_to_save[child.active_adapter])
+            elif isinstance(child, bnb.nn.Linear4bit):
+                setattr(parent, name, plain(dequantized(child), child.bias))
+    for attr in ("is_loaded_in_4bit", "is_quantized"):
+        if hasattr(base, attr):
+            setattr(base, attr, False)
+    if hasattr(base, "hf_quantizer"):
+        base.hf_quantizer = None
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    return base
 
 
 def _build(cfg: ModelConfig, dtype: torch.dtype, common: dict, seed: int):

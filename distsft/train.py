@@ -70,7 +70,7 @@ from distsft.distributed import (
 )
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.loss import backward_scale, count_targets
-from distsft.model import build_model, load_tokenizer, trainable_parameter_count
+from distsft.model import build_model, load_tokenizer, merged_model, trainable_parameter_count
 from distsft.optim import build_optimizer, build_scheduler
 from distsft.plots import plot_run
 from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary
@@ -385,7 +385,7 @@ def main(cfg: Config) -> TrainOutput:
         unwrapped.peft_model.save_pretrained(adapter_dir, state_dict=adapter)
         tokenizer.save_pretrained(adapter_dir)
         if cfg.checkpoint.save_merged:
-            merged = unwrapped.peft_model.merge_and_unload()
+            merged = merged_model(unwrapped.peft_model)
             merged.save_pretrained(out_dir / "merged")
             tokenizer.save_pretrained(out_dir / "merged")
             logger.info("merged model written to %s", out_dir / "merged")

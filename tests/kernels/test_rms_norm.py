@@ -31,6 +31,22 @@ def test_rms_norm_matches_reference(shape, casting, offset, dtype, device):
 
 
 @pytest.mark.parametrize("casting,offset", VARIANTS)
+def test_rms_norm_dw_over_several_row_blocks_per_program(casting, offset, device):
+    """More row blocks than programs, with a ragged last block: the backward's next-block prefetch and the
+    per-program dw accumulated over blocks (397 rows: 13 programs of 2 blocks of 16 rows, the last one 13
+    rows, under the interpreter)."""
+    x, w = _inputs((397, 96), device)
+    if casting == "gemma":
+        w = w - 1.0
+    check_against_reference(
+        f"rms_norm[{casting}, many rows]",
+        lambda x, w: rms_norm(x, w, 1e-6, offset=offset, casting=casting),
+        lambda x, w: rms_norm_ref(x, w, 1e-6, offset=offset, casting=casting),
+        [x, w], torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize("casting,offset", VARIANTS)
 def test_frozen_weight_gets_no_gradient(casting, offset, device):
     x, w = _inputs((5, 123), device)
     xk = x.clone().requires_grad_()
