@@ -114,8 +114,10 @@ def full_runs(runner):
     return {
         "single": runner.run("single", 1, "single"),
         "ddp2": runner.run("ddp2", 2, "ddp"),
+        "zero1_2": runner.run("zero1_2", 2, "zero1"),
         "zero2_2": runner.run("zero2_2", 2, "zero2"),
         "zero3_2": runner.run("zero3_2", 2, "zero3"),
+        "zero3_offload_2": runner.run("zero3_offload_2", 2, "zero3_offload"),
     }
 
 
@@ -129,7 +131,7 @@ def assert_same_curve(a: Result, b: Result, steps, atol=ATOL):
 
 def test_every_mode_matches_the_single_process(full_runs):
     ref = full_runs["single"]
-    for name in ("ddp2", "zero2_2", "zero3_2"):
+    for name in ("ddp2", "zero1_2", "zero2_2", "zero3_2", "zero3_offload_2"):
         run = full_runs[name]
         assert json.loads((run.out / "summary.json").read_text())["world_size"] == 2, name  # gloo fix held
         assert_same_curve(ref, run, steps=(1, 2, 3, 4))
