@@ -12,10 +12,13 @@ The casts are treated as the identity in the backward, as autograd does.
 Shapes: x (..., d) with a contiguous last dim, w (d,). Output dtype: llama: promote(x, w) (as HF's
 `weight * hidden.to(input_dtype)`), gemma: x.dtype. Saved for backward: x, w and rstd (fp32, one per
 row); xhat is recomputed. dw is computed only when w requires grad (a frozen norm under LoRA costs
-nothing extra); it is reduced per program in fp32, then across programs with torch.
+nothing extra): a persistent grid (~16 warps per SM) accumulates it in fp32 registers over its rows, and
+torch sums the per-program partials. The launch sizes are computed once per shape.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -47,24 +50,34 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW, n_rows, n_cols, rows_per_program, stride_dy, stride_x, stride_dx, offset,
+    DY, X, W, RSTD, DX, DW, n_rows, n_cols, blocks_per_program, stride_dy, stride_x, stride_dx, offset,
     GEMMA: tl.constexpr, HAS_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Each program owns rows [row_start, row_end) and keeps its share of dw in registers.
-    pid = tl.program_id(0).to(tl.int64)
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # Program p owns the rows of row blocks [p * blocks_per_program, (p + 1) * blocks_per_program) and keeps
+    # its share of dw in registers. The next block's dy, x and rstd are loaded before the current block is
+    # reduced (software pipelining by hand), so each program keeps one block of loads in flight.
+    row_start = tl.program_id(0).to(tl.int64) * blocks_per_program * BLOCK_M
+    row_end = tl.minimum(row_start + blocks_per_program * BLOCK_M, n_rows)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     w = offset + tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    mask = (rows < row_end)[:, None] & col_mask[None, :]
+    dy_next = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    x_next = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    rstd_next = tl.load(RSTD + rows, mask=rows < row_end, other=0.0)
     for start in range(row_start, row_end, BLOCK_M):
+        dy = dy_next.to(tl.float32)
+        x = x_next.to(tl.float32)
+        rstd = rstd_next
+        nxt = start + BLOCK_M + tl.arange(0, BLOCK_M)
+        nmask = (nxt < row_end)[:, None] & col_mask[None, :]
+        dy_next = tl.load(DY + nxt[:, None] * stride_dy + cols[None, :], mask=nmask, other=0.0)
+        x_next = tl.load(X + nxt[:, None] * stride_x + cols[None, :], mask=nmask, other=0.0)
+        rstd_next = tl.load(RSTD + nxt, mask=nxt < row_end, other=0.0)
         rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
         xhat = x * rstd[:, None]
         g = dy * w[None, :]
         c = tl.sum(g * xhat, axis=1) / n_cols
@@ -75,26 +88,53 @@ def _rms_norm_bwd_kernel(
                 xhat = cast_out(xhat, X.dtype.element_ty).to(tl.float32)
             dw += tl.sum(dy * xhat, axis=0)
     if HAS_DW:
-        tl.store(DW + pid * n_cols + cols, dw, mask=col_mask)
+        tl.store(DW + tl.program_id(0).to(tl.int64) * n_cols + cols, dw, mask=col_mask)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])  # (rows, d)
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])  # (rows, d)
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_config(n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
+    """(grid, BLOCK_N, BLOCK_M, num_warps) of the forward: one block of rows per program."""
+    block_n, block_m, warps = row_block(n_cols)
+    return triton.cdiv(n_rows, block_m), block_n, block_m, warps
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_config(n_rows: int, n_cols: int, need_dw: bool, n_sms: int) -> tuple[int, int, int, int, int]:
+    """(grid, blocks_per_program, BLOCK_N, BLOCK_M, num_warps) of the backward.
+
+    Row blocks of ~8K elements (2 rows of 4096), 16 warps for blocks that large. Without dw: one row block
+    per program, the hardware keeping many programs per SM in flight. With dw: a persistent grid of ~16
+    warps per SM (one program of 16 warps), each program walking its contiguous share of the row blocks
+    with the next block's loads in flight, so the (programs, d) fp32 partials stay small (~2 MB).
+    H100, 16384 x 4096 bf16, kernel alone (launch/results/kernels_h100.md): 134 us without dw (100% of
+    copy bandwidth); 151 us with dw, partial sum included (89%; 2-4 programs per SM: 154-164 us; the
+    previous 4 row blocks per program with ~2K partials: 197 us).
+    """
+    block_n, block_m, warps = row_block(n_cols, max_elems=8192)
+    if block_n * block_m >= 8192:
+        warps = 16
+    n_blocks = triton.cdiv(n_rows, block_m)
+    grid = min(n_blocks, max(1, 16 // warps) * n_sms) if need_dw else n_blocks
+    per_program = triton.cdiv(n_blocks, grid)
+    return triton.cdiv(n_blocks, per_program), per_program, block_n, block_m, warps
 
 
 def rms_norm_forward(x, weight, eps: float, offset: float, gemma: bool):
     """Launch the forward. Returns (y with x's shape, x as (rows, d), rstd (rows,) fp32)."""
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
-    out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+    out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: callers may rotate it in place
-    y2 = y.view(n_rows, n_cols)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block_n, block_m, warps = row_block(n_cols)
-    grid = (triton.cdiv(n_rows, block_m),)
-    _rms_norm_fwd_kernel[grid](
-        x2, weight, y2, rstd, n_rows, n_cols, x2.stride(0), y2.stride(0), eps, offset,
+    grid, block_n, block_m, warps = _fwd_config(n_rows, n_cols)
+    _rms_norm_fwd_kernel[(grid,)](
+        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), n_cols, eps, offset,
         GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return y, x2, rstd
@@ -104,25 +144,17 @@ def rms_norm_backward(dy, x2, weight, rstd, offset: float, gemma: bool, need_dw:
     """Launch the backward. Returns (dx (rows, d) in x's dtype, dw or None)."""
     dy2 = _as_rows(dy)
     n_rows, n_cols = x2.shape
-    dx = torch.empty_like(x2)
-    block_n, block_m, warps = row_block(n_cols)
-    n_blocks = triton.cdiv(n_rows, block_m)
-    # Without dw: one row block per program. With dw: 4 row blocks per program (at most 32 programs per SM,
-    # which bounds the partials), each program reducing its rows' share of dw in registers; the (programs, d)
-    # fp32 partials are then summed by torch. On an H100 (16384 x 4096 bf16, launch/results/kernels_h100.md)
-    # this took 200 us for the kernel + sum (68% of copy bandwidth) against 177-187 us with 8-32 row blocks
-    # per program, but was the fastest of the two end to end.
-    grid = min(triton.cdiv(n_blocks, 4), 32 * num_programs(x2.device)) if need_dw else n_blocks
-    rows_per_program = triton.cdiv(n_blocks, grid) * block_m
-    grid = triton.cdiv(n_rows, rows_per_program)
-    dw_partial = torch.empty((grid, n_cols) if need_dw else (1,), dtype=torch.float32, device=x2.device)
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    grid, per_program, block_n, block_m, warps = _bwd_config(n_rows, n_cols, need_dw, num_programs(x2.device))
+    dw_partial = torch.empty((grid, n_cols), dtype=torch.float32, device=x2.device) if need_dw else dx
     _rms_norm_bwd_kernel[(grid,)](
-        dy2, x2, weight, rstd, dx, dw_partial, n_rows, n_cols, rows_per_program,
-        dy2.stride(0), x2.stride(0), dx.stride(0), offset,
-        GEMMA=gemma, HAS_DW=need_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        dy2, x2, weight, rstd, dx, dw_partial, n_rows, n_cols, per_program, dy2.stride(0), x2.stride(0), n_cols,
+        offset, GEMMA=gemma, HAS_DW=need_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
-    dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None  # fp32 across programs
-    return dx, dw
+    if not need_dw:
+        return dx, None
+    dw = dw_partial.sum(0)  # fp32 across programs
+    return dx, dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -21,6 +21,8 @@ version counters are bumped, so a tensor saved elsewhere before the rotation fai
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -69,37 +71,49 @@ def _rope_kernel(
     _rotate(K, KO, b, t, sk_b, sk_h, sk_t, n_kh, half, c1, c2, s1, s2, BLOCK_KH, BLOCK_D, tok_mask)
 
 
-def rope_config(q, k, cos, sin) -> dict:
-    """Launch parameters shared by the forward and the backward (computed once, kept in ctx)."""
-    bsz, n_qh, seq_len, head_dim = q.shape
-    n_kh = k.shape[1]
-    half = head_dim // 2
-    cos = cos.expand(bsz, seq_len, head_dim)  # (B, T, D); stride 0 over B when shared
-    sin = sin.expand(bsz, seq_len, head_dim)
-    assert cos.stride() == sin.stride() and cos.stride(-1) == 1, "cos/sin need the same, last-dim-contiguous layout"
-    block_d = triton.next_power_of_2(half)
+@functools.lru_cache(maxsize=256)
+def _launch_config(n_tokens: int, n_qh: int, n_kh: int, head_dim: int) -> tuple[tuple[int], dict]:
+    """(grid, block sizes and warps), computed once per shape."""
+    block_d = triton.next_power_of_2(head_dim // 2)
     block_qh, block_kh = triton.next_power_of_2(n_qh), triton.next_power_of_2(n_kh)
     per_token = (block_qh + block_kh) * block_d
-    n_tokens = bsz * seq_len
     # tokens per program: a power of two (arange), ~2K elements per program on a GPU (1 for Llama's 40
     # heads of 128), many under the interpreter whose cost is per program
     cap = 64 if INTERPRETED else 1 << max(0, (2048 // per_token).bit_length() - 1)
     block_t = min(triton.next_power_of_2(n_tokens), cap)
-    return dict(
-        grid=(triton.cdiv(n_tokens, block_t),), cos=cos, sin=sin, args=(n_tokens, seq_len, n_qh, n_kh, half),
-        consts=dict(BLOCK_T=block_t, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d,
-                    num_warps=4 if block_t * per_token <= 4096 else 8),
-    )
+    warps = 4 if block_t * per_token <= 4096 else 8
+    consts = dict(BLOCK_T=block_t, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d, num_warps=warps)
+    return (triton.cdiv(n_tokens, block_t),), consts
 
 
-def rope_launch(cfg: dict, q, k, q_out, k_out, backward: bool) -> None:
-    """Rotate q, k (B, H, T, D) into q_out, k_out (same strides as q, k; may be q, k themselves)."""
-    cos = cfg["cos"]
-    _rope_kernel[cfg["grid"]](
-        q, k, q_out, k_out, cos, cfg["sin"], *cfg["args"],
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos.stride(0), cos.stride(1),
-        BACKWARD=backward, **cfg["consts"],
-    )
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        bsz, n_qh, seq_len, head_dim = q.shape
+        n_kh = k.shape[1]
+        sc = cos.stride()  # (B|1, T, D): the batch stride is 0 when cos/sin are shared over the batch
+        sc_b = sc[0] if cos.shape[0] != 1 else 0
+        grid, consts = _launch_config(bsz * seq_len, n_qh, n_kh, head_dim)
+        args = (cos, sin, bsz * seq_len, seq_len, n_qh, n_kh, head_dim // 2)
+        sq, sk = q.stride(), k.stride()
+        _rope_kernel[grid](q, k, q, k, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc[1],
+                           BACKWARD=False, **consts)
+        ctx.launch = grid, consts, args, sc_b, sc[1]  # cos/sin are inputs, never modified: no copies kept
+        # In place without `mark_dirty`: q and k are usually views of the projections' outputs, which
+        # autograd cannot mark dirty in a Function with two outputs. Bumping their version counters
+        # instead makes any op that saved the unrotated q or k fail loudly at backward.
+        torch.autograd.graph.increment_version((q, k))
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        grid, consts, args, sc_b, sc_t = ctx.launch
+        dq, dq_out = _out_like(dq)
+        dk, dk_out = _out_like(dk)
+        sq, sk = dq.stride(), dk.stride()
+        _rope_kernel[grid](dq, dk, dq_out, dk_out, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc_t,
+                           BACKWARD=True, **consts)
+        return dq_out, dk_out, None, None
 
 
 def _out_like(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,38 +125,24 @@ def _out_like(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g, out
 
 
-class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.cfg = rope_config(q, k, cos, sin)
-        rope_launch(ctx.cfg, q, k, q, k, backward=False)
-        # In place without `mark_dirty`: q and k are usually views of the projections' outputs, which
-        # autograd cannot mark dirty in a Function with two outputs. Bumping their version counters
-        # instead makes any op that saved the unrotated q or k fail loudly at backward.
-        torch.autograd.graph.increment_version((q, k))
-        return q, k  # cos/sin are kept (expanded) in ctx.cfg: inputs, never modified
-
-    @staticmethod
-    def backward(ctx, dq, dk):
-        dq, dq_out = _out_like(dq)
-        dk, dk_out = _out_like(dk)
-        rope_launch(ctx.cfg, dq, dk, dq_out, dk_out, backward=True)
-        return dq_out, dk_out, None, None
-
-
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) in place by cos/sin (B|1, T, D); returns (q, k).
 
     Drop-in for HF `apply_rotary_pos_emb(q, k, cos, sin)` (unsqueeze_dim=1). In place: q and k must not
     be leaves that require grad, nor tensors something else has saved for its backward.
     """
-    if q.shape[-1] % 2 or q.shape[-1] != k.shape[-1] or cos.shape[-1] != q.shape[-1]:
-        raise ValueError(f"rope: head dims must match and be even: q {q.shape}, k {k.shape}, cos {cos.shape}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or cos.shape[-2] != q.shape[2]:
-        raise ValueError(f"rope: batch/sequence mismatch: q {q.shape}, k {k.shape}, cos {cos.shape}")
-    dtype = torch.promote_types(q.dtype, cos.dtype)  # HF: q * cos promotes
-    q = q.to(dtype) if q.stride(-1) == 1 else q.to(dtype).contiguous()
-    k = k.to(dtype) if k.stride(-1) == 1 else k.to(dtype).contiguous()
+    qs, ks, cs = q.shape, k.shape, cos.shape
+    if len(qs) != 4 or len(ks) != 4 or len(cs) != 3 or qs[-1] % 2 or ks[-1] != qs[-1] or cs[-1] != qs[-1]:
+        raise ValueError(f"rope: q, k (B, H, T, D), cos (B|1, T, D), even D: q {qs}, k {ks}, cos {cs}")
+    if ks[0] != qs[0] or ks[2] != qs[2] or cs[1] != qs[2] or cs[0] not in (1, qs[0]) or sin.shape != cs:
+        raise ValueError(f"rope: batch/sequence mismatch: q {qs}, k {ks}, cos {cs}, sin {sin.shape}")
+    if q.dtype != cos.dtype or k.dtype != q.dtype:
+        dtype = torch.promote_types(q.dtype, cos.dtype)  # HF: q * cos promotes
+        q, k = q.to(dtype), k.to(dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     return RopeFunction.apply(q, k, cos, sin)

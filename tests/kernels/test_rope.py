@@ -82,6 +82,15 @@ def test_rope_is_in_place_and_guards_saved_tensors(device):
         qr.sum().backward()
 
 
+def test_rope_rejects_mismatched_shapes(device):
+    q, k = torch.randn(2, 4, 5, 8, device=device), torch.randn(2, 2, 5, 8, device=device)
+    cos, sin = _cos_sin(torch.arange(5, device=device)[None], 8, device)
+    for args in ((q, k[..., :6], cos, sin), (q, k, cos[..., :4], sin[..., :4]), (q, k, cos[:, :4], sin[:, :4]),
+                 (q, k, cos.expand(3, 5, 8), sin.expand(3, 5, 8)), (q, k, cos, sin[:, :4]), (q, k, cos[0], sin[0])):
+        with pytest.raises(ValueError, match="rope"):
+            rope(*args)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_llama3_8b_shape(dtype, cuda):
