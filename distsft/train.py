@@ -435,6 +435,7 @@ class _CallableModule(type(sys)):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    from distsft.cli import run
+    from distsft.cli import exit_cleanly, run
 
     run(_CLI_CONFIG)
+    exit_cleanly()
