@@ -308,6 +308,12 @@ class KernelsConfig:
     """Triton cross-entropy on materialised logits (used when the fused linear cross-entropy is off)."""
     fused_linear_cross_entropy: bool = True
     """Never materialise the full (tokens, vocab) logits: LM head and loss in one chunked kernel."""
+    lora: bool = True
+    """Fused LoRA projections: base matmul and rank-r update in the compute dtype with one autograd node
+    per group of projections sharing an input (q/k/v, gate/up), instead of peft's fp32 detour. Plain
+    PyTorch GEMMs (no Triton), so backend `auto` uses it on every device; backend `torch` keeps peft's
+    forward. Layers it cannot compute (dropout > 0, DoRA, several adapters) and ZeRO-3-partitioned
+    weights keep peft's forward."""
     on_unsupported: Literal["error", "warn"] = "error"
     """An architecture the patcher does not know: stop, or warn and train with the plain HF modules."""
 

@@ -126,7 +126,7 @@ def _rms_norm_forward(self, hidden_states):
 
 def _mlp_forward(self, x):
     spec = getattr(self, _TAG)
-    gate, up = self.gate_proj(x), self.up_proj(x)  # HF's order (matters for LoRA dropout's RNG)
+    gate, up = _projections(x, (self.gate_proj, self.up_proj))  # HF's order (matters for LoRA dropout's RNG)
     if _use_triton(spec.backend, gate):
         # gate and up are ours (fresh projection outputs, read by nothing else): their memory takes the grads
         return self.down_proj(K.gated_activation(gate, up, spec.activation, inplace_grads=True))
@@ -142,13 +142,14 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     arch = spec.arch
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
+    q, k, v = _projections(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
     if arch.qk_norm:
-        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        query_states = self.q_norm(q.view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(k.view(hidden_shape)).transpose(1, 2)
     else:
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hq, T, D)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
-    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = q.view(hidden_shape).transpose(1, 2)  # (B, Hq, T, D)
+        key_states = k.view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
+    value_states = v.view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings  # (B|1, T, D) from the model's rotary embedding (any rope variant)
     if _use_triton(spec.backend, query_states):
@@ -174,6 +175,85 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused LoRA projections (distsft_kernels.lora_projections): bound to peft's LoRA Linear instances, and
+# grouped over q/k/v and gate/up by the attention and MLP forwards above.
+
+
+def _lora_static_reason(m) -> str | None:
+    """Why this peft LoRA layer cannot take the fused path, judged at patch time (None: it can)."""
+    keys = list(m.lora_A.keys())
+    if len(keys) != 1:
+        return f"{len(keys)} adapters"
+    key = keys[0]
+    if key in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(key, False):
+        return "a LoRA variant (DoRA, ...)"
+    if not isinstance(m.lora_dropout[key], torch.nn.Identity):
+        return "lora.dropout > 0"
+    if m.lora_A[key].bias is not None or m.lora_B[key].bias is not None:
+        return "a LoRA bias"
+    if getattr(m, "fan_in_fan_out", False):
+        return "fan_in_fan_out weights"
+    base = m.get_base_layer()
+    if base.bias is not None and base.bias.requires_grad:
+        return "a trainable base bias"
+    if type(base) is not torch.nn.Linear and not _is_4bit(base):
+        return f"base layer {type(base).__name__}"
+    return None
+
+
+def _is_4bit(base) -> bool:
+    return type(base).__name__ == "Linear4bit" and hasattr(base.weight, "quant_state")
+
+
+def _lora_fusable(m) -> bool:
+    """Per call: the fused path computes exactly what peft's forward would right now. Anything that
+    hooks the module or owns its parameters' storage (DeepSpeed ZeRO-3 gathers parameters in module
+    hooks; accelerate's offload hooks) keeps peft's forward."""
+    spec = m.__dict__.get(_TAG)
+    if spec is None or spec.activation != "lora" or m.disable_adapters or m.merged:
+        return False
+    if m.active_adapters != list(m.lora_A.keys()):
+        return False
+    base = m.get_base_layer()
+    for mod in (m, base):
+        if mod._forward_hooks or mod._forward_pre_hooks or "_hf_hook" in mod.__dict__:
+            return False
+    return not hasattr(base.weight, "ds_id")
+
+
+def _fused_lora(x, modules):
+    key = modules[0].active_adapters[0]
+    weights, biases, base_outs = [], [], []
+    for m in modules:
+        base = m.get_base_layer()
+        if _is_4bit(base):
+            weights.append(None)
+            biases.append(None)
+            base_outs.append(base(x))  # bitsandbytes dequantizes and multiplies; its autograd owns dx there
+        else:
+            weights.append(base.weight)
+            biases.append(base.bias)
+            base_outs.append(None)
+    return K.lora_projections(
+        x, [m.lora_A[key].weight for m in modules], [m.lora_B[key].weight for m in modules],
+        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs)
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    if args or kwargs or not _lora_fusable(self):
+        return type(self).forward(self, x, *args, **kwargs)
+    return _fused_lora(x, (self,))[0]
+
+
+def _projections(x, modules) -> tuple:
+    """modules(x) for projections that read the same x: one fused node when all of them are fused LoRA
+    layers with the same adapter, else each module called as HF calls it."""
+    if all(_lora_fusable(m) for m in modules) and len({m.active_adapters[0] for m in modules}) == 1:
+        return _fused_lora(x, modules)
+    return tuple(m(x) for m in modules)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,9 +330,23 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
     wanted = {"rms_norm": cfg.rms_norm, "rope": cfg.rope, "swiglu": cfg.swiglu}
     report.expected = {k: n for k, n in (("rms_norm", arch.norms_per_layer * n_layers + 1),
                                          ("rope", n_layers), ("swiglu", n_layers)) if wanted[k]}
+    lora_layers = _lora_layers(hf) if cfg.lora and cfg.backend != "torch" else {}
+    if lora_layers:
+        # Expected: every LoRA projection the adapter put into this model. Ones the fused path cannot
+        # compute (a variant, dropout, several adapters) are named here and keep peft's forward.
+        unfused = {n: why for n, (_, why) in lora_layers.items() if why is not None}
+        if unfused:
+            reasons = sorted(set(unfused.values()))
+            logger.warning("kernels.lora: %d of %d LoRA layers keep peft's forward (%s)", len(unfused),
+                           len(lora_layers), "; ".join(reasons))
+        report.expected["lora"] = len(lora_layers) - len(unfused)
     seen: dict[str, set] = {k: set() for k in report.expected}
     undo = report._undo
     try:
+        for name, (m, why) in lora_layers.items():
+            if why is None:
+                _bind(m, _lora_forward, _Spec(cfg.backend, activation="lora"), undo)
+                seen["lora"].add(name)
         for name, m in hf.named_modules():
             if cfg.rms_norm and _is(m, "RMSNorm", "weight"):
                 _bind(m, _rms_norm_forward, _Spec(cfg.backend, casting=arch.norm_casting), undo)
@@ -284,6 +378,17 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
         raise
     logger.info("kernels patched: %s", report)
     return report
+
+
+def _lora_layers(hf) -> dict[str, tuple]:
+    """{logical name: (peft LoRA Linear layer, reason it cannot be fused or None)}."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for name, m in hf.named_modules():
+        if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit") and hasattr(m, "lora_A"):
+            found[_logical_name(name)] = (m, _lora_static_reason(m))
+    return found
 
 
 def _undo(undo: list) -> None:

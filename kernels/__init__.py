@@ -9,6 +9,8 @@ Functional entry points (each a `torch.autograd.Function` underneath) and their 
         -> (loss_sum, n_valid)                                              cross_entropy_ref
     fused_linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, label_smoothing, softcap)
         -> (loss_sum, n_valid)                                              fused_linear_cross_entropy_ref
+    lora_projections(x, lora_a, lora_b, scalings, *, weights | base_outs, biases)
+        -> (y_1, ..., y_n)  (plain PyTorch GEMMs, no Triton)                lora_projections_ref
 
 Importing this package decorates the Triton kernels, which is when Triton decides between compiling
 for a GPU and interpreting on CPU: set `TRITON_INTERPRET=1` before the first import to interpret.
@@ -44,6 +46,7 @@ if __name__ != "distsft_kernels":
         _module.__spec__.submodule_search_locations = []
         _sys.modules[__name__] = _module
 else:
+    from .lora import lora_projections, lora_projections_ref  # cuBLAS, no Triton: runs everywhere
     from .reference import (
         cross_entropy_ref,
         fused_linear_cross_entropy_ref,
@@ -83,6 +86,8 @@ __all__ = [
     "rms_norm",
     "rope",
     "swiglu",
+    "lora_projections",
+    "lora_projections_ref",
     "cross_entropy_ref",
     "fused_linear_cross_entropy_ref",
     "geglu_ref",

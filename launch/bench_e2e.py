@@ -118,9 +118,36 @@ def worker(args) -> dict:
     step = statistics.median(times)
     tokens = args.batch * args.seq
     flops = train_flops(config, [args.seq] * args.batch, lora_params=lora)
-    return {"tokens_per_s": tokens / step, "tflops": flops / step / 1e12, "step_s": step, "losses": losses,
-            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    out = {"tokens_per_s": tokens / step, "tflops": flops / step / 1e12, "step_s": step, "losses": losses,
+           "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    if args.profile:
+        out["profile"] = profile_steps(lambda: (loss_fn(batches[0]).backward(), opt.step(),
+                                                opt.zero_grad(set_to_none=True)))
+    return out
+
+
+def profile_steps(step_fn, steps: int = 2) -> dict:
+    """Where a step's time goes: wall time, summed GPU kernel time (one stream: the GPU-busy time), the
+    busy share, kernel launches, and the kernels with the most total time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step_fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6 / steps  # us -> s
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps  # ms per step
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": 1e3 * wall, "gpu_busy_ms": 1e3 * busy, "busy_share": busy / wall,
+            "launches_per_step": len(kernels) / steps, "top_ms": [(n[:90], round(t, 2)) for n, t in top]}
 
 
 def real_data_worker(args) -> dict:
@@ -162,6 +189,7 @@ def run_one(case: str, provider: str, args) -> dict:
     batch, seq = (int(x) for x in bt.split("x"))
     cmd = [sys.executable, __file__, "--worker", provider, "--shape", shape, "--batch", str(batch), "--seq", str(seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--gc"] if args.gc else [])
+    cmd += ["--profile"] if args.profile and provider != "real" else []
     if provider == "real":
         cmd += ["--real-data", args.real_data]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -180,6 +208,8 @@ def main() -> None:
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing for every provider")
     ap.add_argument("--real-data", help="also train distsft on this file, packed")
     ap.add_argument("--out", help="write the table and its provenance (markdown) here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile two steps per row: GPU-busy share of the step and the top kernels")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -211,6 +241,12 @@ def main() -> None:
             rows.append(f"| {case} | {name}{note} | {r['tokens_per_s']:,.0f} | {tf} | {mfu} | "
                         f"{r['peak_alloc_gib']:.1f} / {r['peak_reserved_gib']:.1f} | {parity} |")
         print("\n".join(rows[-len(results):]), flush=True)
+        for name, r in results.items():
+            if "profile" in r:
+                pr = r["profile"]
+                print(f"profile {case} {name}: step {pr['wall_ms']:.1f} ms, GPU busy {pr['gpu_busy_ms']:.1f} ms "
+                      f"({100 * pr['busy_share']:.0f}%), {pr['launches_per_step']:.0f} kernel launches per step; "
+                      "top kernels (ms per step): " + "; ".join(f"{n} {t}" for n, t in pr["top_ms"]), flush=True)
     header = ("| case (shape:batch x seq) | provider | tokens/s | model TFLOP/s | MFU vs matmul ceiling | "
               "peak alloc / reserved GiB | max abs loss diff vs HF |\n| --- | --- | --- | --- | --- | --- | --- |")
     table = header + "\n" + "\n".join(rows)

@@ -29,13 +29,14 @@ CONFIGS = {  # model_type -> (config, attention implementation)
     "gemma2": (lambda: transformers.Gemma2Config(**COMMON, sliding_window=6, query_pre_attn_scalar=16,
                                                  attn_logit_softcapping=5.0), "eager"),
 }
+LORA = 7 * LAYERS  # q, k, v, o, gate, up, down: "all-linear" adapts every projection of every layer
 EXPECTED = {  # written out per architecture, not derived from the patcher's own table
-    "llama": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
-    "mistral": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
-    "qwen2": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
-    "qwen3": {"rms_norm": 4 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},  # + q_norm, k_norm
-    "gemma": {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
-    "gemma2": {"rms_norm": 4 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},  # + pre/post feed-forward
+    "llama": {"lora": LORA, "rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "mistral": {"lora": LORA, "rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "qwen2": {"lora": LORA, "rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "qwen3": {"lora": LORA, "rms_norm": 4 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},  # + q_norm, k_norm
+    "gemma": {"lora": LORA, "rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},
+    "gemma2": {"lora": LORA, "rms_norm": 4 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS},  # + pre/post ffn
 }
 
 
@@ -136,7 +137,7 @@ def test_flags_bare_model_gradient_checkpointing_and_double_patch():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     report = apply_kernels(model, KernelsConfig(rope=False))
-    assert report.counts == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS}
+    assert report.counts == {"lora": LORA, "rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS}
     assert "forward" not in model.model.layers[0].self_attn.__dict__
     out, ref = _run_step(model), _run_step(hf)
     assert_model_close("checkpointed loss", out.loss, ref.loss)
@@ -144,7 +145,7 @@ def test_flags_bare_model_gradient_checkpointing_and_double_patch():
         assert_model_close(f"checkpointed grad {name}", g, _lora_grads(hf)[name])
     with pytest.raises(ValueError, match="already patched"):
         apply_kernels(model, KernelsConfig())
-    assert report.counts == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS}  # the failed call undid itself
+    assert report.counts == {"lora": LORA, "rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS}  # failed call undid itself
     revert_kernels(model, report)
     with pytest.raises(ValueError, match="another model"):
         revert_kernels(hf, apply_kernels(model, KernelsConfig()))

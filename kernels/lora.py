@@ -1,0 +1,144 @@
+"""Fused LoRA projections: the frozen base matmul and the rank-r update of one or several projections that
+read the same input (q/k/v, gate/up), in the compute dtype, with one autograd node for the group.
+
+For projections i = 1..n of one input x (N, d_in) in the compute dtype, frozen W_i (d_out_i, d_in) and
+optional frozen bias b_i, trainable fp32 A_i (r_i, d_in), B_i (d_out_i, r_i), scaling s_i:
+
+Forward:
+    A    = cat_i A_i                       (R, d_in), R = sum r_i, cast to the compute dtype
+    mid  = x @ A^T                         (N, R)        one GEMM for the whole group (one read of x)
+    y_i  = x @ W_i^T + b_i                 (N, d_out_i)  the base GEMM
+    y_i += mid_i @ (s_i B_i)^T             in place: a K=r_i GEMM with beta=1, no (N, d_out) temporary
+  or, where the base is not a plain weight (a 4-bit bitsandbytes layer computes y0_i itself):
+    y_i  = y0_i + mid_i @ (s_i B_i)^T
+Backward (g_i = dL/dy_i, N x d_out_i):
+    gmid_i = g_i @ (s_i B_i)               (N, r_i)
+    dB_i   = s_i * g_i^T @ mid_i           (d_out_i, r_i)  fp32 output
+    dA     = gmid^T @ x                    (R, d_in)       fp32 output, split per projection
+    dx     = gmid @ A + sum_i g_i @ W_i    (N, d_in)       each base GEMM accumulates in place (beta=1)
+    dy0_i  = g_i                           (4-bit bases: their own autograd adds g_i @ W_i)
+
+Saved for backward: x (which the caller's graph holds anyway), mid (N x R) and the tiny casted A and s*B.
+What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per projection an fp32 copy of x
+(saved for backward), the update computed and added in fp32, and a cast back: three to five extra passes
+over (N, d_out) and an (N, d_in) fp32 tensor kept alive until backward, times seven projections per layer.
+
+Numerics: the update is computed from bf16-rounded A, s*B and mid with fp32 accumulation and rounded once
+with the base output; peft rounds only the sum. In fp32 both are exact to rounding. `lora_projections_ref`
+is peft's arithmetic, the tests' reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_OUT_DTYPE_MM: bool | None = None  # does torch.mm(..., out_dtype=) work for CUDA bf16/fp16 here?
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: straight from the GEMM's fp32 accumulator where the build allows it."""
+    global _OUT_DTYPE_MM
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _OUT_DTYPE_MM is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_MM = True
+            return out
+        except (TypeError, RuntimeError):
+            _OUT_DTYPE_MM = False
+    return torch.mm(a, b).float()
+
+
+class _LoRAProjections(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scalings, *tensors):
+        n = len(scalings)
+        weights, biases, base_outs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
+        lora_a, lora_b = tensors[3 * n:4 * n], tensors[4 * n:]
+        dt = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        a_cat = torch.cat([a.to(dt) for a in lora_a]) if n > 1 else lora_a[0].to(dt)  # (R, d_in)
+        mid = x2 @ a_cat.t()  # (N, R)
+        b_scaled = [(b * s).to(dt) for b, s in zip(lora_b, scalings, strict=True)]  # (d_out_i, r_i)
+        outs, off = [], 0
+        for i in range(n):
+            r = lora_a[i].shape[0]
+            mid_i = mid[:, off:off + r]
+            off += r
+            if weights[i] is not None:
+                y = torch.nn.functional.linear(x2, weights[i], biases[i])  # (N, d_out_i)
+                y.addmm_(mid_i, b_scaled[i].t())
+            else:
+                y0 = base_outs[i]
+                y = torch.addmm(y0.reshape(-1, y0.shape[-1]).to(dt), mid_i, b_scaled[i].t())
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.scalings = scalings
+        ctx.has_weight = [w is not None for w in weights]
+        ctx.ranks = [a.shape[0] for a in lora_a]
+        ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b, strict=True)]
+        ctx.save_for_backward(x, mid, a_cat, *b_scaled, *(w for w in weights if w is not None))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = len(ctx.scalings)
+        x, mid, a_cat, *rest = ctx.saved_tensors
+        b_scaled, weights = rest[:n], iter(rest[n:])
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = [g.reshape(-1, g.shape[-1]) for g in grads]  # (N, d_out_i)
+        gmids = [g @ b for g, b in zip(g2, b_scaled, strict=True)]  # (N, r_i)
+        gmid = torch.cat(gmids, dim=1) if n > 1 else gmids[0]  # (N, R)
+        grad_b, off = [], 0
+        for i, r in enumerate(ctx.ranks):
+            grad_b.append(_mm_f32(g2[i].t(), mid[:, off:off + r]).mul_(ctx.scalings[i]))  # (d_out_i, r_i)
+            off += r
+        grad_a_cat = _mm_f32(gmid.t(), x2)  # (R, d_in)
+        grad_a = list(grad_a_cat.split(ctx.ranks)) if n > 1 else [grad_a_cat]
+        grad_a = [g.to(dt_a) for g, (dt_a, _) in zip(grad_a, ctx.adapter_dtypes, strict=True)]
+        grad_b = [g.to(dt_b) for g, (_, dt_b) in zip(grad_b, ctx.adapter_dtypes, strict=True)]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gmid @ a_cat  # (N, d_in)
+            for i in range(n):
+                if ctx.has_weight[i]:
+                    grad_x.addmm_(g2[i], next(weights))  # += g_i @ W_i, in the GEMM's epilogue
+            grad_x = grad_x.view_as(x)
+        grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
+        return (grad_x, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)
+
+
+def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None):
+    """y_i = x @ W_i^T + b_i + s_i (x @ A_i^T) @ B_i^T for each i, as one autograd node.
+
+    x (..., d_in); lora_a[i] (r_i, d_in), lora_b[i] (d_out_i, r_i) trainable (any float dtype, fp32 for
+    peft); weights[i] (d_out_i, d_in) and biases[i] frozen, or weights[i] None and base_outs[i] (..., d_out_i)
+    the base output computed elsewhere (its gradient is passed through). Returns a tuple of (..., d_out_i).
+    """
+    n = len(lora_a)
+    weights = list(weights) if weights is not None else [None] * n
+    biases = list(biases) if biases is not None else [None] * n
+    base_outs = list(base_outs) if base_outs is not None else [None] * n
+    for i in range(n):
+        if (weights[i] is None) == (base_outs[i] is None):
+            raise ValueError(f"projection {i}: give exactly one of weights[i] and base_outs[i]")
+        for name, t in (("weight", weights[i]), ("bias", biases[i])):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"projection {i}: the base {name} must be frozen (requires_grad=False)")
+    return _LoRAProjections.apply(x, tuple(float(s) for s in scalings), *weights, *biases, *base_outs,
+                                  *lora_a, *lora_b)
+
+
+def lora_projections_ref(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None):
+    """peft 0.21's arithmetic: base output in the input dtype, x cast to the adapter dtype, the update
+    computed and added there, the sum cast back."""
+    n = len(lora_a)
+    outs = []
+    for i in range(n):
+        if weights is not None and weights[i] is not None:
+            y = torch.nn.functional.linear(x, weights[i], None if biases is None else biases[i])
+        else:
+            y = base_outs[i]
+        xa = x.to(lora_a[i].dtype)
+        outs.append((y + (xa @ lora_a[i].t()) @ lora_b[i].t() * scalings[i]).to(y.dtype))
+    return tuple(outs)

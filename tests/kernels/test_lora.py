@@ -1,0 +1,109 @@
+"""Fused LoRA projections against peft's arithmetic (`lora_projections_ref`), on fresh random inputs."""
+
+import pytest
+import torch
+from distsft_kernels import lora_projections, lora_projections_ref
+from kernel_tolerances import HIGH, assert_close_to_reference, check_against_reference
+
+# (tokens shape, d_in, [(d_out, rank)] per projection): single projections, a q/k/v-like GQA group with
+# unequal widths, odd sizes everywhere
+CASES = [
+    ((7,), 123, [(77, 8)]),
+    ((2, 9), 64, [(64, 4), (16, 4), (16, 4)]),
+    ((3, 5), 96, [(123, 16), (123, 16)]),
+]
+
+
+def _inputs(shape, d_in, projs, device, bias=False):
+    x = torch.randn(*shape, d_in, device=device)
+    ws = [torch.randn(o, d_in, device=device) / d_in**0.5 for o, _ in projs]
+    bs = [torch.randn(o, device=device) if bias else None for o, _ in projs]
+    a = [torch.randn(r, d_in, device=device) / d_in**0.5 for _, r in projs]
+    b = [torch.randn(o, r, device=device) for o, r in projs]
+    scalings = [2.0, 0.5, 1.25][: len(projs)]
+    return x, ws, bs, a, b, scalings
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_lora_projections_match_reference(case, dtype, bias, device):
+    shape, d_in, projs = CASES[case]
+    x, ws, bs, a, b, s = _inputs(shape, d_in, projs, device, bias)
+    n = len(projs)
+
+    def call(fn):
+        def run(x, *t):
+            ws_, bs_, a_, b_ = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:]
+            return fn(x, list(a_), list(b_), s, weights=list(ws_), biases=list(bs_) if bias else None)
+        return run
+
+    inputs = [x, *ws, *(bs if bias else [None] * n), *a, *b]
+    frozen = [True] + [False] * (2 * n) + [True] * (2 * n)  # x and the adapters train; W and b are frozen
+    check_against_reference("lora", call(lora_projections), call(lora_projections_ref), inputs, dtype,
+                            requires_grad=frozen)
+
+
+def test_bf16_compute_with_fp32_adapters(device):
+    """The training setting: x and W in bf16, A and B fp32 master weights. Gradients for A and B come back
+    in fp32; every output and gradient meets the kernel rule against the fp64 truth, with peft's own
+    mixed-precision arithmetic as the same-dtype baseline."""
+    x, ws, _, a, b, s = _inputs((4, 33), 256, [(256, 16), (64, 16), (64, 16)], device)
+    results = {}
+    for mode in ("kernel", "same", "high"):
+        xd = x.to(torch.float64 if mode == "high" else torch.bfloat16).requires_grad_()
+        wd = [w.to(xd.dtype) for w in ws]
+        ad = [t.to(torch.float64 if mode == "high" else torch.float32).requires_grad_() for t in a]
+        bd = [t.to(ad[0].dtype).requires_grad_() for t in b]
+        fn = lora_projections if mode == "kernel" else lora_projections_ref
+        outs = fn(xd, ad, bd, s, weights=wd)
+        torch.manual_seed(5)
+        loss = sum((o.double() * torch.randn(o.shape, device=device, dtype=torch.float64)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [xd, *ad, *bd])
+        results[mode] = (outs, grads)
+    for i, (k, sm, h) in enumerate(zip(*(results[m][0] for m in ("kernel", "same", "high")), strict=True)):
+        assert k.dtype == torch.bfloat16
+        assert_close_to_reference(f"output {i}", k, sm, h)
+    for i, (k, sm, h) in enumerate(zip(*(results[m][1] for m in ("kernel", "same", "high")), strict=True)):
+        assert k.dtype == sm.dtype, f"grad {i}: {k.dtype} != {sm.dtype}"
+        assert_close_to_reference(f"grad {i}", k, sm.to(k.dtype), h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_external_base_output(dtype, device):
+    """A base computed elsewhere (a 4-bit layer's output): its gradient passes through unchanged, and x
+    gets the LoRA part here plus the base part through the base's own graph."""
+    x, ws, _, a, b, s = _inputs((6,), 80, [(48, 4), (48, 8)], device)
+
+    def run(fn, x, w0, w1, a0, a1, b0, b1):
+        base = [x @ w0.t(), torch.tanh(x @ w1.t())]  # any differentiable base
+        return fn(x, [a0, a1], [b0, b1], s, base_outs=base)
+
+    inputs = [x, *ws, *a, *b]
+    check_against_reference("lora external base", lambda *t: run(lora_projections, *t),
+                            lambda *t: run(lora_projections_ref, *t), inputs, dtype,
+                            requires_grad=[True, True, True, True, True, True, True])
+
+
+def test_errors(device):
+    x, ws, _, a, b, s = _inputs((3,), 16, [(8, 2)], device)
+    with pytest.raises(ValueError, match="exactly one of weights"):
+        lora_projections(x, a, b, s)
+    with pytest.raises(ValueError, match="must be frozen"):
+        lora_projections(x, a, b, s, weights=[ws[0].requires_grad_()])
+
+
+@pytest.mark.gpu
+def test_llama3_8b_qkv_group(cuda):
+    """The q/k/v group of one Llama-3.1-8B layer at 4,096 tokens, bf16 compute, fp32 adapters."""
+    g = torch.Generator(device=cuda).manual_seed(0)
+    x = torch.randn(4096, 4096, device=cuda, generator=g, dtype=torch.bfloat16)
+    ws = [torch.randn(o, 4096, device=cuda, generator=g, dtype=torch.bfloat16) / 64 for o in (4096, 1024, 1024)]
+    a = [torch.randn(16, 4096, device=cuda, generator=g) / 64 for _ in range(3)]
+    b = [torch.randn(o, 16, device=cuda, generator=g) / 4 for o in (4096, 1024, 1024)]
+    outs_k = lora_projections(x, a, b, [2.0] * 3, weights=ws)
+    outs_h = lora_projections_ref(x.to(HIGH[torch.bfloat16]), a, b, [2.0] * 3,
+                                  weights=[w.float() for w in ws])
+    outs_s = lora_projections_ref(x, a, b, [2.0] * 3, weights=ws)
+    for i, (k, s_, h) in enumerate(zip(outs_k, outs_s, outs_h, strict=True)):
+        assert_close_to_reference(f"qkv output {i}", k, s_, h)
