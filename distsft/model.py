@@ -255,15 +255,16 @@ class CausalLMWithLoss(nn.Module):
             head = head.modules_to_save[self.peft_model.active_adapter]
         return head
 
-    def hidden_states(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, **attn_kwargs) -> torch.Tensor:
+        """`attn_kwargs`: what the attention implementation reads per batch (varlen: `cu_seq_lens_q`, ...)."""
         decoder = self.causal_lm.get_decoder()
         # use_cache=False: with a cache, transformers stops separating packed documents by position_ids.
         out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False)
+                      use_cache=False, **attn_kwargs)
         return out.last_hidden_state  # (B, T, d)
 
-    def forward(self, input_ids, target_ids, position_ids=None, attention_mask=None):
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask)
+    def forward(self, input_ids, target_ids, position_ids=None, attention_mask=None, **attn_kwargs):
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, **attn_kwargs)
         hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
         targets = target_ids.reshape(-1)  # (B*T,)
         # Only positions with a target reach the LM head: masked prompt and padding tokens would cost
@@ -273,9 +274,9 @@ class CausalLMWithLoss(nn.Module):
         return self.loss_fn(hidden[keep], head.weight, targets[keep], bias=head.bias, softcap=self.softcap)
 
     @torch.no_grad()
-    def logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+    def logits(self, input_ids, position_ids=None, attention_mask=None, **attn_kwargs) -> torch.Tensor:
         """Full logits for evaluation and tests (materialises (B, T, V))."""
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask)
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, **attn_kwargs)
         return self.lm_head()(hidden).float()
 
 
@@ -283,6 +284,10 @@ def build_model(
     model_cfg: ModelConfig, lora_cfg: LoraConfig, kernels_cfg: KernelsConfig, device: torch.device, *, seed: int
 ) -> tuple[CausalLMWithLoss, dict]:
     """Base model -> LoRA -> kernels patched on this instance -> loss wrapper. Returns (module, kernel report)."""
+    if model_cfg.attn_implementation == "distsft_varlen":
+        from distsft import attention
+
+        attention.register()
     base = load_base_model(model_cfg, device, seed=seed)
     peft_model = add_lora(base, lora_cfg)
     from distsft.patching import apply_kernels, select_loss_fn

@@ -48,6 +48,7 @@ from distsft.checkpoint import (
 )
 from distsft.config import Config, from_dict, load_config
 from distsft.data import (
+    VARLEN_IMPLEMENTATIONS,
     GlobalBatchSampler,
     build_datasets,
     check_packing_isolation,
@@ -88,8 +89,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool, attn_impl: str,
               dtype: torch.dtype) -> dict:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if packed:  # several documents per row: attention stays inside each one
+    extra = {}
+    if packed and attn_impl in VARLEN_IMPLEMENTATIONS:  # document lengths, from host positions: no sync
+        extra = packed_attention_kwargs(batch["position_ids"], attn_impl, dtype)
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in {**batch, **extra}.items()}
+    if packed and attn_impl not in VARLEN_IMPLEMENTATIONS:  # several documents per row: attention stays in each
         out.update(packed_attention_kwargs(out["position_ids"], attn_impl, dtype))
     return out
 
@@ -179,10 +183,15 @@ def main(cfg: Config) -> TrainOutput:
     # Refuse an attention backend that lets packed documents see each other (a probe batch, a few ms).
     # After prepare: under ZeRO-3 the engine's hooks gather the weights (every rank runs it).
     if cfg.data.packing:
-        check_packing_isolation(
-            unwrapped.causal_lm, attn_implementation=cfg.model.attn_implementation,
-            forward=lambda ids, pos, mask: unwrapped.logits(ids.to(device), pos.to(device),
-                                                            None if mask is None else mask.to(device)))
+        impl = cfg.model.attn_implementation
+
+        def probe(ids, pos, mask):
+            kw = {} if mask is None else {"attention_mask": mask.to(device)}
+            if impl in VARLEN_IMPLEMENTATIONS:
+                kw = packed_attention_kwargs(pos, impl, compute_dtype)  # document lengths, not a mask
+            return unwrapped.logits(ids.to(device), pos.to(device), **kw)
+
+        check_packing_isolation(unwrapped.causal_lm, attn_implementation=impl, forward=probe)
 
     # Resume: the trainable state, optimizer, schedule and the data position (a global sample count).
     state = {"global_step": 0, "samples_consumed": 0, "tokens_consumed": 0, "skipped_steps": 0}

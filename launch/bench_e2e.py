@@ -53,7 +53,7 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
 
 
-def build(provider: str, shape: str, gc: bool):
+def build(provider: str, shape: str, gc: bool, attn: str = "sdpa"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -64,9 +64,13 @@ def build(provider: str, shape: str, gc: bool):
 
         getattr(lk, f"apply_liger_kernel_to_{config.model_type}")(
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    if attn == "distsft_varlen":
+        from distsft import attention
+
+        attention.register()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
     model.config.use_cache = False
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -158,7 +162,7 @@ def real_data_worker(args) -> dict:
     from distsft.data import build_datasets as build_data
     from distsft.data import collate, packed_attention_kwargs
 
-    model, config, _ = build("distsft", args.shape, args.gc)
+    model, config, _ = build("distsft", args.shape, args.gc, attn=args.real_attn)
     tok = AutoTokenizer.from_pretrained(REPO / "distsft" / "assets" / "tiny-llama")
     data = build_data(DataConfig(sources=[DataSourceConfig(path=args.real_data)], max_seq_len=args.seq,
                                  progress_bar=False), tok, seed=0).train
@@ -167,8 +171,12 @@ def real_data_worker(args) -> dict:
     times, real = [], []
     for i in range(args.warmup + args.steps):
         samples = [data[(i * args.batch + j) % len(data)] for j in range(args.batch)]
-        mb = {k: v.cuda() for k, v in collate(samples, pad_token_id=tok.pad_token_id).items()}
-        mb.update(packed_attention_kwargs(mb["position_ids"], "sdpa", torch.bfloat16))
+        mb = collate(samples, pad_token_id=tok.pad_token_id)
+        if args.real_attn == "distsft_varlen":  # document lengths from host positions, as the trainer does
+            mb.update(packed_attention_kwargs(mb["position_ids"], args.real_attn, torch.bfloat16))
+        mb = {k: v.cuda() if torch.is_tensor(v) else v for k, v in mb.items()}
+        if args.real_attn == "sdpa":
+            mb.update(packed_attention_kwargs(mb["position_ids"], "sdpa", torch.bfloat16))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         s, n = model(**mb)
@@ -191,7 +199,7 @@ def run_one(case: str, provider: str, args) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--gc"] if args.gc else [])
     cmd += ["--profile"] if args.profile and provider != "real" else []
     if provider == "real":
-        cmd += ["--real-data", args.real_data]
+        cmd += ["--real-data", args.real_data, "--real-attn", args.real_attn]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -207,6 +215,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing for every provider")
     ap.add_argument("--real-data", help="also train distsft on this file, packed")
+    ap.add_argument("--real-attn", default="distsft_varlen", choices=["distsft_varlen", "sdpa"],
+                    help="attention for the packed real-data row (sdpa: with the block-diagonal float mask)")
     ap.add_argument("--out", help="write the table and its provenance (markdown) here")
     ap.add_argument("--profile", action="store_true",
                     help="also profile two steps per row: GPU-busy share of the step and the top kernels")
@@ -227,7 +237,7 @@ def main() -> None:
     for case in args.case or ["llama3-1b:8x2048"]:
         results = {p: run_one(case, p, args) for p in args.providers.split(",")}
         if args.real_data:
-            results["distsft, packed real data"] = run_one(case, "real", args)
+            results[f"distsft, packed real data ({args.real_attn})"] = run_one(case, "real", args)
         ref = results.get("hf", {}).get("losses")
         for name, r in results.items():
             if "error" in r:

@@ -27,6 +27,7 @@ import numpy as np
 from distsft.config import DataConfig, DataSourceConfig
 from distsft.data import cache
 from distsft.data.packing import (
+    VARLEN_IMPLEMENTATIONS,
     PackedDataset,
     PackingIsolationError,
     check_packing_isolation,
@@ -45,7 +46,8 @@ from distsft.data.tokenization import TokenizedSource, tokenize_source
 
 __all__ = [
     "BUILTIN_TEMPLATES", "DataBundle", "DataError", "DataReport", "GlobalBatchSampler", "PackedDataset",
-    "PackingIsolationError", "Rejection", "SourceReport", "build_datasets", "check_packing_isolation",
+    "PackingIsolationError", "VARLEN_IMPLEMENTATIONS", "Rejection", "SourceReport", "build_datasets",
+    "check_packing_isolation",
     "collate", "cu_seqlens_from_position_ids", "document_attention_mask", "document_ids",
     "load_source", "pack_best_fit_decreasing", "packed_attention_kwargs", "register_dataset",
 ]

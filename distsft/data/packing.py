@@ -211,15 +211,20 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
 
 
 MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+VARLEN_IMPLEMENTATIONS = ("distsft_varlen",)  # distsft/attention.py
 
 
 def packed_attention_kwargs(position_ids: torch.Tensor, attn_implementation: str,
                             dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Extra forward kwargs that keep packed documents apart: the 4-D mask for eager/sdpa; nothing for
-    the varlen-style backends (flash_attention_*, flex_attention), which transformers feeds from
+    """Extra forward kwargs that keep packed documents apart: the 4-D mask for eager/sdpa; cumulative
+    document lengths for distsft_varlen (compute them from CPU position_ids: no device sync); nothing for
+    the other varlen-style backends (flash_attention_*, flex_attention), which transformers feeds from
     `position_ids` when `attention_mask` is None. Run `check_packing_isolation` on whichever is used."""
     if attn_implementation in MASK_IMPLEMENTATIONS:
         return {"attention_mask": document_attention_mask(position_ids, dtype)}
+    if attn_implementation in VARLEN_IMPLEMENTATIONS:
+        cu, max_len = cu_seqlens_from_position_ids(position_ids)
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
     return {}
 
 
