@@ -29,6 +29,13 @@ import torch.nn.functional as F
 NAME = "distsft_varlen"
 
 
+def resolve(name: str, device: torch.device) -> str:
+    """`auto` -> distsft_varlen on CUDA, sdpa elsewhere (its CPU fallback exists for tests, not speed)."""
+    if name != "auto":
+        return name
+    return NAME if torch.device(device).type == "cuda" else "sdpa"
+
+
 def register() -> None:
     """Make `attn_implementation="distsft_varlen"` known to transformers (idempotent)."""
     from transformers import AttentionInterface

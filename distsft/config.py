@@ -54,8 +54,10 @@ class ModelConfig:
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights and compute dtype: `auto` is bfloat16 on a GPU that supports it, else float32."""
-    attn_implementation: str = "sdpa"
-    """HF attention implementation: `sdpa`, `eager`, `flex_attention`, ... ."""
+    attn_implementation: str = "auto"
+    """`auto`: `distsft_varlen` on a GPU (packed documents through varlen flash attention, no mask;
+    distsft/attention.py), `sdpa` elsewhere; or any HF implementation: `sdpa` (packed documents through a
+    block-diagonal mask), `eager`, `flex_attention`, ... ."""
     trust_remote_code: bool = False
     """Run model code from the hub. Off unless asked: it executes someone else's Python."""
     load_in_4bit: bool = False

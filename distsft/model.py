@@ -10,6 +10,7 @@ the (tokens, vocab) logits, and under DeepSpeed ZeRO-3 it is what makes the engi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -284,9 +285,11 @@ def build_model(
     model_cfg: ModelConfig, lora_cfg: LoraConfig, kernels_cfg: KernelsConfig, device: torch.device, *, seed: int
 ) -> tuple[CausalLMWithLoss, dict]:
     """Base model -> LoRA -> kernels patched on this instance -> loss wrapper. Returns (module, kernel report)."""
-    if model_cfg.attn_implementation == "distsft_varlen":
-        from distsft import attention
+    from distsft import attention
 
+    if model_cfg.attn_implementation != attention.resolve(model_cfg.attn_implementation, device):
+        model_cfg = dataclasses.replace(model_cfg, attn_implementation=attention.resolve("auto", device))
+    if model_cfg.attn_implementation == attention.NAME:
         attention.register()
     base = load_base_model(model_cfg, device, seed=seed)
     peft_model = add_lora(base, lora_cfg)

@@ -38,6 +38,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from transformers.trainer_utils import TrainOutput
 
+from distsft import attention
 from distsft.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
@@ -146,6 +147,7 @@ def main(cfg: Config) -> TrainOutput:
 
     # Model: HF causal LM -> LoRA -> our kernels on this instance -> the module that owns head + loss.
     device = accelerator.device
+    cfg.model.attn_implementation = attention.resolve(cfg.model.attn_implementation, device)
     tokenizer = load_tokenizer(cfg.model)
     model, kernel_report = build_model(cfg.model, cfg.lora, cfg.kernels, device, seed=cfg.train.seed)
     compute_dtype = next(model.causal_lm.parameters()).dtype
