@@ -16,8 +16,8 @@ allocator's peak never leak between them.
 
 Printed per row: tokens/s, model TFLOP/s (distsft.flops: 4N per token for the frozen base + 6 per LoRA
 parameter + causal attention), MFU against the bf16 matmul ceiling measured in this run (8192^3), peak
-allocated and reserved memory, and the largest |loss - HF loss| over the timed steps (same seed, same
-batches: a parity check, not only a speed number). `--gc` turns on gradient checkpointing for all.
+allocated and reserved memory, and the largest |loss - HF loss| over all `--warmup` + `--steps` steps
+(same seed, same batches: a parity check, not only a speed number). `--gc` turns on gradient checkpointing for all.
 `--real-data FILE` adds a distsft row that trains on FILE packed into `seq`-token slots with the data
 pipeline and reports effective (non-padding) tokens/s.
 """
@@ -53,7 +53,7 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
 
 
-def build(provider: str, shape: str, gc: bool, attn: str = "sdpa"):
+def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -83,6 +83,11 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa"):
 
     kcfg = KernelsConfig()
     apply_kernels(peft_model, kcfg)
+    if gc and offload:  # checkpointed layers keep their inputs in pinned host memory
+        from distsft.offload import offloaded_checkpoint
+
+        for layer in model.model.layers:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
     wrapper = CausalLMWithLoss(peft_model, select_loss_fn(kcfg))
 
     def loss(ids):
@@ -99,7 +104,7 @@ def worker(args) -> dict:
 
     from distsft.flops import train_flops
 
-    model, config, loss_fn = build(args.worker, args.shape, args.gc)
+    model, config, loss_fn = build(args.worker, args.shape, args.gc, offload=args.offload)
     params = [p for p in model.parameters() if p.requires_grad]
     lora = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -162,7 +167,7 @@ def real_data_worker(args) -> dict:
     from distsft.data import build_datasets as build_data
     from distsft.data import collate, packed_attention_kwargs
 
-    model, config, _ = build("distsft", args.shape, args.gc, attn=args.real_attn)
+    model, config, _ = build("distsft", args.shape, args.gc, attn=args.real_attn, offload=args.offload)
     tok = AutoTokenizer.from_pretrained(REPO / "distsft" / "assets" / "tiny-llama")
     data = build_data(DataConfig(sources=[DataSourceConfig(path=args.real_data)], max_seq_len=args.seq,
                                  progress_bar=False), tok, seed=0).train
@@ -197,6 +202,7 @@ def run_one(case: str, provider: str, args) -> dict:
     batch, seq = (int(x) for x in bt.split("x"))
     cmd = [sys.executable, __file__, "--worker", provider, "--shape", shape, "--batch", str(batch), "--seq", str(seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--gc"] if args.gc else [])
+    cmd += ["--offload"] if args.offload else []
     cmd += ["--profile"] if args.profile and provider != "real" else []
     if provider == "real":
         cmd += ["--real-data", args.real_data, "--real-attn", args.real_attn]
@@ -214,6 +220,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing for every provider")
+    ap.add_argument("--offload", action="store_true",
+                    help="with --gc: distsft keeps checkpointed layers' inputs in pinned host memory")
     ap.add_argument("--real-data", help="also train distsft on this file, packed")
     ap.add_argument("--real-attn", default="distsft_varlen", choices=["distsft_varlen", "sdpa"],
                     help="attention for the packed real-data row (sdpa: with the block-diagonal float mask)")
@@ -268,7 +276,8 @@ def main() -> None:
         f"GPU: {torch.cuda.get_device_name()}; bf16 8192^3 matmul ceiling measured in this run: {ceiling / 1e12:.0f} "
         f"TFLOP/s; torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}; "
         f"commit {commit.stdout.strip() or 'unknown (no .git: see the results file)'}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; gradient checkpointing {'on' if args.gc else 'off'}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; gradient checkpointing {'on' if args.gc else 'off'}"
+        f"{' (distsft: inputs offloaded to host)' if args.gc and args.offload else ''}; "
         f"command: python launch/bench_e2e.py {' '.join(sys.argv[1:])}"
     )
     print(f"\n{table}\n\n{provenance}")

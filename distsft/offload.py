@@ -1,0 +1,114 @@
+"""Checkpointed decoder layers whose saved input lives in pinned host memory (`model.offload_checkpoints`).
+
+A checkpointed layer keeps only its input hidden states (B, T, d) for the backward pass, which recomputes
+the layer from them. At long context these inputs are what is left: Llama-3.1-8B at 131,072 tokens keeps
+32 x 1 GiB. Offloading moves each input to pinned CPU memory during the forward and brings it back just
+before its layer's backward:
+
+    forward, layer i:   out = layer(x_i) without saving anything;  x_i -> host (copy stream, async)
+    backward, layer i:  wait for x_i on the GPU (prefetched while layer i+1 ran its backward);
+                        start bringing x_{i-1} back;  recompute out = layer(x_i) with grad;  backprop
+
+Both copies run on a side stream, ordered against the compute stream with stream waits (and
+`record_stream`, so the caching allocator never hands out x_i's memory while it is still being read), so
+they overlap the layers' compute instead of stalling it; one layer's input is on the GPU ahead of use
+(double buffering). The recompute restores the CPU and CUDA RNG states of the forward, so dropout draws
+the same masks. This is a reentrant checkpoint (the layer's backward runs inside this node's backward);
+it is used for the single-process path. On CPU tensors the "offload" is a copy, so the mechanism is
+testable there.
+
+Use: `layer._gradient_checkpointing_func = offloaded_checkpoint` on transformers' GradientCheckpointingLayer,
+which calls it as `fn(partial(forward, layer, **kwargs), hidden_states)`.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+_last_forward = None  # weakref to the ctx of the most recent forward: the next one's predecessor
+_GRAD_ANCHOR = torch.zeros((), requires_grad=True)
+"""An input that requires grad, so the node is recorded even when the hidden states do not (layer 0's
+input is the frozen embedding's output); the layer's LoRA gradients are produced inside its backward."""
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device)
+    return _copy_streams[device]
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, anchor, hidden, *others):
+        global _last_forward
+        ctx.run, ctx.others, ctx.device = run, others, hidden.device
+        ctx.rng = _rng_state(hidden.device)
+        with torch.no_grad():
+            out = run(hidden, *others)
+        if hidden.is_cuda:
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            stream = _copy_stream(hidden.device)
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))  # x_i is written
+            with torch.cuda.stream(stream):
+                host.copy_(hidden, non_blocking=True)
+            hidden.record_stream(stream)  # not reused before the copy has read it
+        else:
+            host = hidden.detach().clone()
+        ctx.host, ctx.on_device = host, None
+        ctx.prev = _last_forward  # the layer before this one (its input is needed right after ours)
+        _last_forward = weakref.ref(ctx)
+        return out
+
+    @staticmethod
+    def _fetch(ctx) -> None:
+        """Start bringing this layer's input back to the GPU (idempotent)."""
+        if ctx.on_device is not None:
+            return
+        if ctx.device.type != "cuda":
+            ctx.on_device = ctx.host
+            return
+        stream = _copy_stream(ctx.device)
+        with torch.cuda.stream(stream):
+            x = ctx.host.to(ctx.device, non_blocking=True)
+        x.record_stream(torch.cuda.current_stream(ctx.device))
+        ctx.on_device, ctx.ready = x, stream.record_event()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _OffloadedCheckpoint._fetch(ctx)
+        prev = ctx.prev() if ctx.prev is not None else None
+        if prev is not None and getattr(prev, "host", None) is not None:
+            _OffloadedCheckpoint._fetch(prev)  # overlaps with this layer's recompute and backward
+        if ctx.device.type == "cuda":
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.ready)
+        x = ctx.on_device.detach().requires_grad_(True)
+        ctx.host = ctx.on_device = None
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.rng[1] is not None:
+                torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            out = ctx.run(x, *ctx.others)
+        torch.autograd.backward(out, grad_out)
+        return (None, None, x.grad, *([None] * len(ctx.others)))
+
+
+def offloaded_checkpoint(function, hidden_states, *args, **kwargs):
+    """transformers' `_gradient_checkpointing_func` signature: `function(hidden_states, *args, **kwargs)`
+    run as one node whose saved input is in host memory. Only `hidden_states` may require grad."""
+    if kwargs:
+        def run(h, *a):
+            return function(h, *a, **kwargs)
+    else:
+        run = function
+    for a in args:
+        if torch.is_tensor(a) and a.requires_grad:
+            raise ValueError("offloaded_checkpoint: only the hidden states may require grad")
+    return _OffloadedCheckpoint.apply(run, _GRAD_ANCHOR, hidden_states, *args)
