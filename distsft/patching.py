@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from distsft_kernels.reference import fused_linear_cross_entropy_ref, rms_norm_ref, rope_ref
 
 from distsft.config import KernelsConfig
+from distsft.offload import recomputing
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class _Arch:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before the rotation
     sliding: str | None = None  # where attention's `sliding_window` comes from: "config" | "module"
     attn_softcap: bool = False  # Gemma2: `softcap=self.attn_logit_softcapping`
+    mlp_to_residual: bool = True  # the MLP's output goes straight into the residual sum (no post-norm)
 
 
 ARCHITECTURES: dict[str, _Arch] = {
@@ -56,7 +58,8 @@ ARCHITECTURES: dict[str, _Arch] = {
     "qwen2": _Arch(sliding="module"),
     "qwen3": _Arch(norms_per_layer=4, qk_norm=True, sliding="module"),
     "gemma": _Arch(norm_casting="gemma"),
-    "gemma2": _Arch(norm_casting="gemma", norms_per_layer=4, sliding="module", attn_softcap=True),
+    "gemma2": _Arch(norm_casting="gemma", norms_per_layer=4, sliding="module", attn_softcap=True,
+                    mlp_to_residual=False),
 }
 
 
@@ -129,8 +132,14 @@ def _mlp_forward(self, x):
     gate, up = _projections(x, (self.gate_proj, self.up_proj))  # HF's order (matters for LoRA dropout's RNG)
     if _use_triton(spec.backend, gate):
         # gate and up are ours (fresh projection outputs, read by nothing else): their memory takes the grads
-        return self.down_proj(K.gated_activation(gate, up, spec.activation, inplace_grads=True))
-    return self.down_proj(self.act_fn(gate) * up)
+        h = K.gated_activation(gate, up, spec.activation, inplace_grads=True)
+    else:
+        h = self.act_fn(gate) * up
+    if spec.arch is not None and spec.arch.mlp_to_residual and recomputing() and _lora_fusable(self.down_proj):
+        # A checkpointed layer's recompute: this output only feeds the residual sum leaving the layer,
+        # whose value backward never reads; skip its GEMMs (distsft/offload.py).
+        return _fused_lora(h, (self.down_proj,), values_unused=True)[0]
+    return self.down_proj(h)
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -224,7 +233,7 @@ def _lora_fusable(m) -> bool:
     return not hasattr(base.weight, "ds_id")
 
 
-def _fused_lora(x, modules):
+def _fused_lora(x, modules, values_unused: bool = False):
     key = modules[0].active_adapters[0]
     weights, biases, base_outs = [], [], []
     for m in modules:
@@ -239,7 +248,8 @@ def _fused_lora(x, modules):
             base_outs.append(None)
     return K.lora_projections(
         x, [m.lora_A[key].weight for m in modules], [m.lora_B[key].weight for m in modules],
-        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs)
+        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs,
+        values_unused=values_unused)
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -367,7 +377,7 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
                     logger.warning("%s; keeping the HF MLP", msg)
                     report.expected["swiglu"] = 0
                     continue
-                _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act), undo)
+                _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act, arch=arch), undo)
                 seen["swiglu"].add(_logical_name(name))
         report.counts = {k: len(v) for k, v in seen.items()}
         if report.counts != report.expected:

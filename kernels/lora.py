@@ -52,7 +52,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scalings, *tensors):
+    def forward(ctx, x, scalings, values_unused, *tensors):
         n = len(scalings)
         weights, biases, base_outs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
         lora_a, lora_b = tensors[3 * n:4 * n], tensors[4 * n:]
@@ -66,7 +66,9 @@ class _LoRAProjections(torch.autograd.Function):
             r = lora_a[i].shape[0]
             mid_i = mid[:, off:off + r]
             off += r
-            if weights[i] is not None:
+            if weights[i] is not None and values_unused:  # recompute: only what backward reads
+                y = x2.new_empty(x2.shape[0], weights[i].shape[0])
+            elif weights[i] is not None:
                 y = torch.nn.functional.linear(x2, weights[i], biases[i])  # (N, d_out_i)
                 y.addmm_(mid_i, b_scaled[i].t())
             else:
@@ -105,15 +107,21 @@ class _LoRAProjections(torch.autograd.Function):
                     grad_x.addmm_(g2[i], next(weights))  # += g_i @ W_i, in the GEMM's epilogue
             grad_x = grad_x.view_as(x)
         grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
-        return (grad_x, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)
+        return (grad_x, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)
 
 
-def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None):
+def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None,
+                     values_unused: bool = False):
     """y_i = x @ W_i^T + b_i + s_i (x @ A_i^T) @ B_i^T for each i, as one autograd node.
 
     x (..., d_in); lora_a[i] (r_i, d_in), lora_b[i] (d_out_i, r_i) trainable (any float dtype, fp32 for
     peft); weights[i] (d_out_i, d_in) and biases[i] frozen, or weights[i] None and base_outs[i] (..., d_out_i)
     the base output computed elsewhere (its gradient is passed through). Returns a tuple of (..., d_out_i).
+
+    `values_unused`: the caller promises nothing will read the outputs' values, only backpropagate through
+    them (a checkpointed layer's recompute, where the last projection feeds only the residual sum that
+    leaves the layer): the GEMMs producing them are skipped and the outputs are uninitialised memory.
+    The backward is unchanged (it reads x, mid and the weights, never the outputs).
     """
     n = len(lora_a)
     weights = list(weights) if weights is not None else [None] * n
@@ -125,8 +133,8 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
         for name, t in (("weight", weights[i]), ("bias", biases[i])):
             if t is not None and t.requires_grad:
                 raise ValueError(f"projection {i}: the base {name} must be frozen (requires_grad=False)")
-    return _LoRAProjections.apply(x, tuple(float(s) for s in scalings), *weights, *biases, *base_outs,
-                                  *lora_a, *lora_b)
+    return _LoRAProjections.apply(x, tuple(float(s) for s in scalings), bool(values_unused), *weights, *biases,
+                                  *base_outs, *lora_a, *lora_b)
 
 
 def lora_projections_ref(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None):

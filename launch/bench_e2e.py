@@ -83,11 +83,11 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
 
     kcfg = KernelsConfig()
     apply_kernels(peft_model, kcfg)
-    if gc and offload:  # checkpointed layers keep their inputs in pinned host memory
-        from distsft.offload import offloaded_checkpoint
+    if gc:  # distsft's own checkpoint (the recompute skips the down projection), inputs on host with offload
+        from distsft.offload import device_checkpoint, offloaded_checkpoint
 
         for layer in model.model.layers:
-            layer._gradient_checkpointing_func = offloaded_checkpoint
+            layer._gradient_checkpointing_func = offloaded_checkpoint if offload else device_checkpoint
     wrapper = CausalLMWithLoss(peft_model, select_loss_fn(kcfg))
 
     def loss(ids):

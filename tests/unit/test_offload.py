@@ -8,21 +8,26 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from distsft.offload import offloaded_checkpoint
+import distsft.patching as patching
+from distsft.config import KernelsConfig
+from distsft.offload import device_checkpoint, offloaded_checkpoint
 
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16)
 
 
-def _models(dropout: float):
+def _models(dropout: float, fn=offloaded_checkpoint, kernels: KernelsConfig | None = None):
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**CONFIG))
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout,
                                             init_lora_weights=False))
     plain = copy.deepcopy(model)
+    if kernels is not None:
+        patching.apply_kernels(model, kernels)
+        patching.apply_kernels(plain, kernels)
     for layer in model.base_model.model.model.layers:
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = offloaded_checkpoint
+        layer._gradient_checkpointing_func = fn
     return model.train(), plain.train()
 
 
@@ -54,3 +59,26 @@ def test_only_hidden_states_may_require_grad():
     h = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(ValueError, match="only the hidden states"):
         offloaded_checkpoint(lambda x, y: x + y, h, torch.randn(2, 3, requires_grad=True))
+
+
+@pytest.mark.parametrize("fn", [offloaded_checkpoint, device_checkpoint])
+def test_patched_recompute_skips_the_down_projection(fn, monkeypatch):
+    """With our kernels (fused LoRA, patched MLP) the recompute computes the down projection's LoRA input
+    but not its output; loss and gradients still equal the uncheckpointed patched model's."""
+    calls = []
+    real = patching._fused_lora
+
+    def spy(x, modules, values_unused=False):
+        calls.append(values_unused)
+        return real(x, modules, values_unused)
+
+    monkeypatch.setattr(patching, "_fused_lora", spy)
+    model, plain = _models(0.0, fn, KernelsConfig())
+    loss, grads = _step(model, seed=7)
+    layers = CONFIG["num_hidden_layers"]
+    assert calls.count(True) == layers  # one skipped down projection per recomputed layer
+    ref_loss, ref_grads = _step(plain, seed=7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, g in grads.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
