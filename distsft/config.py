@@ -61,15 +61,17 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run model code from the hub. Off unless asked: it executes someone else's Python."""
     load_in_4bit: bool = False
-    """QLoRA: quantize the frozen base linear layers to 4 bits with bitsandbytes while loading (needs
-    `name_or_path`); LoRA adapters stay in full precision."""
+    """QLoRA: quantize the frozen base linear layers to 4 bits with bitsandbytes while loading, layer by
+    layer; with `init_from_config` each layer is drawn at random and quantized in turn, so a model whose
+    full-precision copy would not fit is never built whole. LoRA adapters stay in full precision."""
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     """Quantize the quantization constants too (~0.4 bit per parameter saved)."""
     bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype the 4-bit weights are dequantized to for each matmul; `auto` is `model.dtype`."""
     bnb_4bit_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
-    """Storage dtype of the packed 4-bit weights (`auto`: uint8)."""
+    """Storage dtype of the packed 4-bit weights: `auto` is uint8, and under ZeRO-3 the model dtype (the
+    only value allowed there: the 4-bit weights are then partitioned with the other parameters)."""
     zero_init: bool = True
     """Under ZeRO-3, build the model already partitioned (deepspeed.zero.Init), as models that do not fit
     one device need. With a random init (`init_from_config`) the values then differ from a whole-model
@@ -80,9 +82,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.name_or_path is not None and self.init_from_config == "builtin:tiny-llama":
             self.init_from_config = None  # naming a pretrained model replaces the demo default
-        _require(not self.load_in_4bit or self.name_or_path is not None, "load_in_4bit",
-                 "4-bit loading quantizes pretrained weights: set model.name_or_path (to QLoRA a random model, "
-                 "save it with save_pretrained first)")
         _require(
             (self.name_or_path is None) != (self.init_from_config is None),
             "name_or_path",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,19 +80,42 @@ def _without_zero_init():
 
 def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
     """The HF causal LM in the configured dtype, on CPU (accelerate moves it). Under ZeRO-3 with
-    `model.zero_init` it is built already partitioned across ranks."""
+    `model.zero_init` it is built already partitioned across ranks. With `model.load_in_4bit` the
+    quantized linear layers are built on `device` directly (bitsandbytes quantizes where the weight lies)."""
 
     dtype = resolve_dtype(cfg.dtype, device)
     common = dict(trust_remote_code=cfg.trust_remote_code)
-    if cfg.load_in_4bit:
-        common.update(_quantization_kwargs(cfg, dtype, device))
-    with contextlib.nullcontext() if cfg.zero_init else _without_zero_init():
+    common.update(_quantization_kwargs(cfg, dtype, device))
+    # A 4-bit model is never built under deepspeed.zero.Init (transformers refuses its device_map there):
+    # every rank builds its whole 4-bit copy, ~0.53 byte per weight, and accelerate.prepare partitions it.
+    partitioned = cfg.zero_init and "device_map" not in common
+    with contextlib.nullcontext() if partitioned else _without_zero_init():
         model = _build(cfg, dtype, common, seed)
+    _keep_4bit_training_layout(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _keep_4bit_training_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes' CPU backend from repacking 4-bit weights for inference.
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode without grad (our packing self-check, any
+    eval) rewrites `weight.data` in place into a layout for its inference kernel and marks the quant_state
+    (`packing_format_for_cpu`); every later forward, in training too, then goes through `gemv_4bit`, which
+    has no autograd formula: no gradient flows back through the 4-bit layer's input, silently (only LoRA
+    layers downstream of the last 4-bit matmul still learn). Under ZeRO-3 the repacked data also replaces a
+    gathered parameter, so the next gather pairs the original bytes with the repacked quant_state (garbage
+    logits). Training wants the autograd path on every forward; GPUs never take this branch."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _zero3() -> bool:
@@ -101,23 +125,48 @@ def _zero3() -> bool:
 
 
 def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict:
-    """bitsandbytes 4-bit loading: weights are quantized layer by layer as they load, so the full-precision
-    model never exists on the device at once."""
+    """`from_pretrained` / random-init arguments for bitsandbytes 4-bit (`model.load_in_4bit`, or a
+    checkpoint that is already quantized); {} otherwise. Weights are quantized layer by layer as they load
+    (or, for a random init, as they are drawn), so the full-precision model never exists on the device.
+
+    Under ZeRO-3 every rank builds the whole 4-bit model (small: ~0.53 byte per weight) and
+    `accelerate.prepare` partitions it like any other parameter: the packed bytes are stored in the model
+    dtype (`bnb_4bit_quant_storage` auto), so a 4-bit weight is a tensor of that dtype DeepSpeed can shard
+    and gather with the rest of the model, and its quant_state (absmax, code) stays on the parameter object,
+    whole on every rank. DeepSpeed converts each parameter from rank 0's bytes while each rank keeps its own
+    quant_state: ranks must quantize identically, which the same checkpoint or seed gives."""
     from transformers import AutoConfig, BitsAndBytesConfig
 
-    if _zero3():
-        # Seen on CPU (DeepSpeed 0.19.8, bitsandbytes 0.50): the first forward under ZeRO-3 computes with
-        # wrongly gathered 4-bit weights (the packing self-check caught it). Refuse rather than train on
-        # wrong numbers; 4-bit weights are small enough to replicate under ZeRO-2 or DDP.
-        raise ValueError("model.load_in_4bit is not supported under ZeRO-3 yet: use ZeRO-2 or DDP (the 4-bit "
-                         "base is replicated, the adapter's optimizer state is still sharded under ZeRO-2)")
-    pretrained = AutoConfig.from_pretrained(resolve_path(cfg.name_or_path), revision=cfg.revision,
-                                            trust_remote_code=cfg.trust_remote_code)
-    if getattr(pretrained, "quantization_config", None) is not None:
+    if not cfg.load_in_4bit and cfg.name_or_path is None:
+        return {}  # a random init in full precision
+    zero3 = _zero3()
+    source = cfg.name_or_path or cfg.init_from_config
+    hf_config = AutoConfig.from_pretrained(resolve_path(source), revision=cfg.revision,
+                                           trust_remote_code=cfg.trust_remote_code)
+    if getattr(hf_config, "quantization_config", None) is not None:
+        if cfg.name_or_path is None:
+            raise ValueError(f"model.init_from_config: {source} carries a quantization_config, but a random init "
+                             "is quantized with the model.bnb_4bit_* settings: remove it from the config")
+        if zero3:
+            raise ValueError(
+                f"model.name_or_path: {source} is already quantized, which is not supported under ZeRO-3: its "
+                "4-bit storage dtype is fixed by the checkpoint (usually uint8) where ZeRO-3 here shards 4-bit "
+                "weights stored in the model dtype. Load the full-precision checkpoint with "
+                "model.load_in_4bit=true (quantized while loading), or train this one under ZeRO-2 or DDP")
         logger.info("%s is already quantized: loading it with its own quantization settings", cfg.name_or_path)
         return {"device_map": {"": device}}
+    if not cfg.load_in_4bit:
+        return {}
     compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else getattr(torch, cfg.bnb_4bit_compute_dtype)
-    storage = torch.uint8 if cfg.bnb_4bit_quant_storage == "auto" else getattr(torch, cfg.bnb_4bit_quant_storage)
+    if cfg.bnb_4bit_quant_storage == "auto":
+        storage = dtype if zero3 else torch.uint8
+    else:
+        storage = getattr(torch, cfg.bnb_4bit_quant_storage)
+    if zero3 and storage != dtype:
+        raise ValueError(
+            f"model.bnb_4bit_quant_storage: under ZeRO-3 the packed 4-bit weights are stored in the model dtype "
+            f"({dtype}) so that every partitioned parameter has one dtype; got {cfg.bnb_4bit_quant_storage} "
+            "(leave it auto)")
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute,
@@ -191,6 +240,13 @@ def _build(cfg: ModelConfig, dtype: torch.dtype, common: dict, seed: int):
             attn_implementation=cfg.attn_implementation,
             **common,
         )
+    elif "quantization_config" in common:
+        hf_config = AutoConfig.from_pretrained(resolve_path(cfg.init_from_config),
+                                               trust_remote_code=cfg.trust_remote_code)
+        model = build_random_4bit(hf_config, common["quantization_config"], dtype=dtype,
+                                  device=torch.device(common["device_map"][""]), seed=seed,
+                                  attn_implementation=cfg.attn_implementation,
+                                  trust_remote_code=cfg.trust_remote_code)
     else:
         hf_config = AutoConfig.from_pretrained(resolve_path(cfg.init_from_config), **common)
         # Random init must not depend on the rank or on anything drawn before it.
@@ -200,6 +256,121 @@ def _build(cfg: ModelConfig, dtype: torch.dtype, common: dict, seed: int):
                 hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation, **common
             )
     return model
+
+
+def build_random_4bit(hf_config, quant, *, dtype: torch.dtype, device: torch.device, seed: int,
+                      attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    """A randomly initialised causal LM whose linear layers are bitsandbytes 4-bit, built without the
+    full-precision model ever existing: a Llama-3.1-70B shape (140 GB in bf16) fits one 80 GB GPU.
+
+    1. The skeleton is built on the meta device (shapes only, no storage).
+    2. transformers' own bitsandbytes quantizer swaps the target `nn.Linear`s for `Linear4bit` on that
+       skeleton, exactly as `from_pretrained(quantization_config=...)` does (same modules left in full
+       precision: the LM head and anything in `llm_int8_skip_modules`).
+    3. One unit at a time (a decoder layer whole, or a module holding tensors of its own outside the
+       layer lists: embeddings, final norm, LM head, rotary buffers), its tensors are materialised on
+       `device` in `dtype`, drawn by the model's own `_init_weights`, and its `Linear4bit` weights quantized
+       there; the full-precision copy is freed before the next unit. Peak extra memory: one decoder
+       layer's weights in `dtype` (1.7 GB for the 70B shape) plus bitsandbytes' temporaries.
+    4. The quantizer's post-processing marks the model as from_pretrained does (`is_loaded_in_4bit`,
+       `hf_quantizer`, `config.quantization_config`), so peft's `get_peft_model` treats it the same.
+
+    Each unit draws from its own generator state, seeded from (`seed`, the unit's name) only: every rank
+    builds the same weights whatever it drew before (DDP ranks agree), and a unit's values do not depend on
+    the other units. The values differ from `from_config`'s (one RNG stream over the whole model) and
+    between CPU and CUDA (different generators).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    try:
+        from transformers.initialization import guard_torch_init_functions
+    except ImportError:  # transformers < 5: torch.nn.init is not patched, and needs not be
+        guard_torch_init_functions = contextlib.nullcontext
+
+    device_map = {"": device}
+    with _without_zero_init(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+    quantizer = AutoHfQuantizer.from_config(quant, pre_quantized=False)
+    quantizer.validate_environment(device_map=device_map)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=None,
+                               use_kernels=False)
+
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (it, its replacement): ties
+    with torch.no_grad(), guard_torch_init_functions():
+        for name, unit, owner, whole in _init_units(model):
+            _draw_unit(list(unit.modules()) if whole else [unit], owner, made, dtype=dtype, device=device,
+                       seed=zlib.crc32(f"{seed}:{name}".encode()))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors not materialised: {left[:5]}"
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model
+
+
+def _draw_unit(modules: list[nn.Module], owner, made: dict, *, dtype: torch.dtype, device: torch.device,
+               seed: int) -> None:
+    """Materialise `modules`' meta tensors on `device`, draw them with `owner._init_weights` from `seed`,
+    then quantize their `Params4bit` weights. A function of its own so that no local outlives the unit:
+    on return the only full-precision tensors left are those the model keeps (embeddings, norms, head)."""
+    import bitsandbytes as bnb
+
+    pending = []  # (module, key, meta Params4bit): quantized once the unit is drawn
+    for module in modules:
+        for key, t in list(module._parameters.items()):
+            if t is None or not t.is_meta:
+                continue
+            if id(t) in made:  # a tied weight: the one tensor, materialised once
+                module._parameters[key] = made[id(t)][1]
+                continue
+            quantized = isinstance(t, bnb.nn.Params4bit)  # drawn in the model dtype, as a checkpoint loads
+            module._parameters[key] = nn.Parameter(
+                torch.empty(t.shape, dtype=dtype if quantized else t.dtype, device=device),
+                requires_grad=False if quantized else t.requires_grad)
+            if quantized:
+                pending.append((module, key, t))
+            else:
+                made[id(t)] = (t, module._parameters[key])
+        for key, t in list(module._buffers.items()):
+            if t is not None and t.is_meta:
+                module._buffers[key] = torch.empty_like(t, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for module in reversed(modules):  # children before parents, as `initialize_weights` does
+            owner._init_weights(module)
+    for module, key, meta in pending:
+        attrs = {k: v for k, v in vars(meta).items() if k not in ("quant_state", "bnb_quantized")}
+        # Params4bit.to(device) quantizes (on CPU too) and `module=` hands the quant_state to the layer;
+        # replacing the parameter frees the full-precision weight.
+        module._parameters[key] = bnb.nn.Params4bit(module._parameters[key].data, requires_grad=False,
+                                                    **attrs).to(device)
+        module._parameters[key]._is_hf_initialized = True
+        made[id(meta)] = (meta, module._parameters[key])
+
+
+def _init_units(model: nn.Module):
+    """(name, module, owning PreTrainedModel, whole) in the order they are drawn: every element of an
+    `nn.ModuleList` (a decoder layer) whole, and every other module for the tensors it holds itself,
+    children before parents. The owner's `_init_weights` draws the unit (a model nested in another
+    keeps its own init)."""
+    from transformers import PreTrainedModel
+
+    def walk(module: nn.Module, prefix: str, owner):
+        if isinstance(module, PreTrainedModel):
+            owner = module
+        for key, child in module.named_children():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(module, nn.ModuleList):
+                yield name, child, owner, True
+            else:
+                yield from walk(child, name, owner)
+        if not isinstance(module, nn.ModuleList) and (
+                any(t is not None for t in module._parameters.values())
+                or any(t is not None for t in module._buffers.values())):
+            yield prefix, module, owner, False
+
+    yield from walk(model, "", model)
 
 
 def add_lora(model, cfg: LoraConfig):
