@@ -20,6 +20,7 @@ references (which reproduce the HF modules' numerics).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import types
@@ -233,15 +234,29 @@ def _lora_fusable(m) -> bool:
     return not hasattr(base.weight, "ds_id")
 
 
+def _dequantize_4bit(layer) -> torch.Tensor:
+    """A bitsandbytes Linear4bit weight as a (out, in) tensor in its compute dtype."""
+    import bitsandbytes as bnb
+
+    w = layer.weight
+    data, state = w.data, w.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout (model.py)
+        data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+    full = bnb.functional.dequantize_4bit(data, state)
+    return full.to(layer.compute_dtype) if layer.compute_dtype is not None else full
+
+
 def _fused_lora(x, modules, values_unused: bool = False):
     key = modules[0].active_adapters[0]
     weights, biases, base_outs = [], [], []
     for m in modules:
         base = m.get_base_layer()
         if _is_4bit(base):
-            weights.append(None)
-            biases.append(None)
-            base_outs.append(base(x))  # bitsandbytes dequantizes and multiplies; its autograd owns dx there
+            # Dequantized on demand, in the forward and again in the backward (never kept): the same
+            # fused GEMMs as a plain weight, no bitsandbytes autograd node and no separate dx sum.
+            weights.append(functools.partial(_dequantize_4bit, base))
+            biases.append(base.bias)
+            base_outs.append(None)
         else:
             weights.append(base.weight)
             biases.append(base.bias)

@@ -67,9 +67,11 @@ class _LoRAProjections(torch.autograd.Function):
             mid_i = mid[:, off:off + r]
             off += r
             if weights[i] is not None and values_unused:  # recompute: only what backward reads
-                y = x2.new_empty(x2.shape[0], weights[i].shape[0])
+                y = x2.new_empty(x2.shape[0], lora_b[i].shape[0])
             elif weights[i] is not None:
-                y = torch.nn.functional.linear(x2, weights[i], biases[i])  # (N, d_out_i)
+                w = weights[i]() if callable(weights[i]) else weights[i]  # a 4-bit weight: dequantized now
+                y = torch.nn.functional.linear(x2, w, biases[i])  # (N, d_out_i)
+                del w
                 y.addmm_(mid_i, b_scaled[i].t())
             else:
                 y0 = base_outs[i]
@@ -79,7 +81,8 @@ class _LoRAProjections(torch.autograd.Function):
         ctx.has_weight = [w is not None for w in weights]
         ctx.ranks = [a.shape[0] for a in lora_a]
         ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b, strict=True)]
-        ctx.save_for_backward(x, mid, a_cat, *b_scaled, *(w for w in weights if w is not None))
+        ctx.weight_fns = [w if callable(w) else None for w in weights]
+        ctx.save_for_backward(x, mid, a_cat, *b_scaled, *(w for w in weights if torch.is_tensor(w)))
         return tuple(outs)
 
     @staticmethod
@@ -104,7 +107,8 @@ class _LoRAProjections(torch.autograd.Function):
             grad_x = gmid @ a_cat  # (N, d_in)
             for i in range(n):
                 if ctx.has_weight[i]:
-                    grad_x.addmm_(g2[i], next(weights))  # += g_i @ W_i, in the GEMM's epilogue
+                    w = ctx.weight_fns[i]() if ctx.weight_fns[i] is not None else next(weights)
+                    grad_x.addmm_(g2[i], w)  # += g_i @ W_i, in the GEMM's epilogue
             grad_x = grad_x.view_as(x)
         grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
         return (grad_x, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)
@@ -116,7 +120,9 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
 
     x (..., d_in); lora_a[i] (r_i, d_in), lora_b[i] (d_out_i, r_i) trainable (any float dtype, fp32 for
     peft); weights[i] (d_out_i, d_in) and biases[i] frozen, or weights[i] None and base_outs[i] (..., d_out_i)
-    the base output computed elsewhere (its gradient is passed through). Returns a tuple of (..., d_out_i).
+    the base output computed elsewhere (its gradient is passed through). weights[i] may also be a callable
+    returning the (d_out_i, d_in) weight (a 4-bit weight dequantized on demand: called in the forward and
+    again in the backward, never kept). Returns a tuple of (..., d_out_i).
 
     `values_unused`: the caller promises nothing will read the outputs' values, only backpropagate through
     them (a checkpointed layer's recompute, where the last projection feeds only the residual sum that
@@ -131,7 +137,7 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
         if (weights[i] is None) == (base_outs[i] is None):
             raise ValueError(f"projection {i}: give exactly one of weights[i] and base_outs[i]")
         for name, t in (("weight", weights[i]), ("bias", biases[i])):
-            if t is not None and t.requires_grad:
+            if torch.is_tensor(t) and t.requires_grad:
                 raise ValueError(f"projection {i}: the base {name} must be frozen (requires_grad=False)")
     return _LoRAProjections.apply(x, tuple(float(s) for s in scalings), bool(values_unused), *weights, *biases,
                                   *base_outs, *lora_a, *lora_b)

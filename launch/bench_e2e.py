@@ -53,12 +53,41 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
 
 
-def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool = False):
+def build_qlora(shape: str, gc: bool, offload: bool):
+    """distsft's QLoRA path: random weights quantized to NF4 (double quantization) layer by layer while drawn,
+    LoRA on top, our kernels, through the trainer's own `build_model`."""
+    import torch
+
+    from distsft.config import KernelsConfig, LoraConfig, ModelConfig
+    from distsft.model import build_model
+    from distsft.offload import device_checkpoint, offloaded_checkpoint
+
+    wrapper, _ = build_model(
+        ModelConfig(init_from_config=str(REPO / "launch" / "shapes" / shape), dtype="bfloat16", load_in_4bit=True,
+                    attn_implementation="sdpa"),
+        LoraConfig(r=16, alpha=32, target_modules=TARGETS), KernelsConfig(), torch.device("cuda"), seed=0)
+    if gc:
+        for layer in wrapper.causal_lm.model.layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = offloaded_checkpoint if offload else device_checkpoint
+
+    def loss(ids):
+        targets = torch.full_like(ids, -100)
+        targets[:, :-1] = ids[:, 1:]
+        s, n = wrapper(input_ids=ids, target_ids=targets)
+        return s / n
+
+    return wrapper, wrapper.config, loss
+
+
+def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool = False, qlora: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(REPO / "launch" / "shapes" / shape)
+    if qlora:
+        return build_qlora(shape, gc, offload)
     if provider == "liger":
         import liger_kernel.transformers as lk
 
@@ -104,7 +133,7 @@ def worker(args) -> dict:
 
     from distsft.flops import train_flops
 
-    model, config, loss_fn = build(args.worker, args.shape, args.gc, offload=args.offload)
+    model, config, loss_fn = build(args.worker, args.shape, args.gc, offload=args.offload, qlora=args.qlora)
     params = [p for p in model.parameters() if p.requires_grad]
     lora = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -203,6 +232,7 @@ def run_one(case: str, provider: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", provider, "--shape", shape, "--batch", str(batch), "--seq", str(seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--gc"] if args.gc else [])
     cmd += ["--offload"] if args.offload else []
+    cmd += ["--qlora"] if args.qlora else []
     cmd += ["--profile"] if args.profile and provider != "real" else []
     if provider == "real":
         cmd += ["--real-data", args.real_data, "--real-attn", args.real_attn]
@@ -220,6 +250,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing for every provider")
+    ap.add_argument("--qlora", action="store_true",
+                    help="distsft only: the base quantized to NF4 while drawn (model.load_in_4bit)")
     ap.add_argument("--offload", action="store_true",
                     help="with --gc: distsft keeps checkpointed layers' inputs in pinned host memory")
     ap.add_argument("--real-data", help="also train distsft on this file, packed")
@@ -277,7 +309,8 @@ def main() -> None:
         f"TFLOP/s; torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}; "
         f"commit {commit.stdout.strip() or 'unknown (no .git: see the results file)'}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; gradient checkpointing {'on' if args.gc else 'off'}"
-        f"{' (distsft: inputs offloaded to host)' if args.gc and args.offload else ''}; "
+        f"{' (distsft: inputs offloaded to host)' if args.gc and args.offload else ''}"
+        f"{'; QLoRA (NF4 base, double quantization)' if args.qlora else ''}; "
         f"command: python launch/bench_e2e.py {' '.join(sys.argv[1:])}"
     )
     print(f"\n{table}\n\n{provenance}")

@@ -418,3 +418,34 @@ def test_random_init_4bit_holds_one_layer_at_a_time(tmp_path, monkeypatch):
           f"one layer's linears {layer_bytes} B")
     assert per_layer <= 1.25 * layer_bytes
     assert all_at_once > 4 * layer_bytes
+
+
+def test_fused_lora_on_the_4bit_base_matches_peft(run):
+    """kernels.lora on a 4-bit base: the weight dequantized inside our fused node (forward and again in
+    backward) against peft's bitsandbytes path, on the same quantized model: loss and every LoRA gradient."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from distsft.config import KernelsConfig
+    from distsft.patching import apply_kernels
+
+    tmp, _, _ = run
+    torch.manual_seed(0)
+    model = get_peft_model(_quantized_base(tmp), LoraConfig(r=4, target_modules="all-linear",
+                                                            init_lora_weights=False))
+    peft_ref = copy.deepcopy(model)
+    report = apply_kernels(model, KernelsConfig(rms_norm=False, rope=False, swiglu=False))
+    assert report.counts["lora"] == 7 * model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    results = []
+    for m in (model, peft_ref):
+        m.train()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        assert ref_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
