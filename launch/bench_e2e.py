@@ -11,6 +11,8 @@ allocator's peak never leak between them.
 
   hf      transformers + peft, SDPA, `model(input_ids, labels=...)`
   liger   the same plus `apply_liger_kernel_to_<arch>(rope, rms_norm, swiglu, fused_linear_cross_entropy)`
+  hf-bf16-adapters, liger-bf16-adapters  the same with peft's adapters cast to bf16 after get_peft_model
+          (peft keeps them fp32 by default and casts each projection's input to fp32)
   distsft our model path: `distsft.model.CausalLMWithLoss` with `apply_kernels` + `select_loss_fn`
           (the module `distsft/train.py` trains), summed loss / token count, same optimizer
 
@@ -88,7 +90,7 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
     config = AutoConfig.from_pretrained(REPO / "launch" / "shapes" / shape)
     if qlora:
         return build_qlora(shape, gc, offload)
-    if provider == "liger":
+    if provider.startswith("liger"):
         import liger_kernel.transformers as lk
 
         getattr(lk, f"apply_liger_kernel_to_{config.model_type}")(
@@ -104,6 +106,10 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    if provider.endswith("-bf16-adapters"):  # peft's fp32 adapters cast to bf16: no fp32 copy of x per projection
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     if provider != "distsft":
         return peft_model, config, lambda ids: peft_model(input_ids=ids, labels=ids).loss
     from distsft.config import KernelsConfig
