@@ -76,10 +76,25 @@ class ModelConfig:
     """Under ZeRO-3, build the model already partitioned (deepspeed.zero.Init), as models that do not fit
     one device need. With a random init (`init_from_config`) the values then differ from a whole-model
     build; set false for bitwise-comparable tiny models."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 slower)."""
+    gradient_checkpointing: bool | Literal["auto"] = False
+    """Recompute decoder layers' activations in the backward pass (less memory, ~1/3 slower per layer):
+    true: every layer; `auto`: the fewest layers that fit `memory_budget_gib` (distsft/recompute.py;
+    on CPU without a budget: none)."""
+    memory_budget_gib: float | None = None
+    """Memory per device that `gradient_checkpointing: auto` plans for; default 90% of the GPU's memory."""
+    offload_checkpoints: bool = False
+    """With gradient checkpointing: keep each checkpointed layer's input in pinned host memory instead of
+    on the GPU (copied on a side stream, brought back one layer ahead of its backward; distsft/offload.py).
+    The memory-lean setting and long context (Llama-3.1-8B at 131,072 tokens on one 80 GB GPU); one
+    process only for now."""
 
     def __post_init__(self):
+        _require(isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto",
+                 "gradient_checkpointing", f"expected true, false or auto, got {self.gradient_checkpointing!r}")
+        _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "memory_budget_gib",
+                 f"must be > 0 (GiB per device), got {self.memory_budget_gib}")
+        _require(not self.offload_checkpoints or self.gradient_checkpointing is not False, "offload_checkpoints",
+                 "offloads the inputs of checkpointed layers: set model.gradient_checkpointing to true or auto")
         if self.name_or_path is not None and self.init_from_config == "builtin:tiny-llama":
             self.init_from_config = None  # naming a pretrained model replaces the demo default
         _require(

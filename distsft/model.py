@@ -93,7 +93,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
         model = _build(cfg, dtype, common, seed)
     _keep_4bit_training_layout(model)
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is True:  # `auto` is planned once the model is on its device (train.py)
         # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -73,9 +73,11 @@ from distsft.distributed import (
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.loss import backward_scale, count_targets
 from distsft.model import build_model, load_tokenizer, merged_model, trainable_parameter_count
+from distsft.offload import device_checkpoint, offloaded_checkpoint
 from distsft.optim import build_optimizer, build_scheduler
 from distsft.plots import plot_run
 from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary
+from distsft.recompute import RecomputePlan, apply_recomputation, decoder_layers, plan_recomputation
 from distsft.tracking import Tracker, check_trackers, new_run_id
 
 logger = logging.getLogger("distsft")
@@ -97,6 +99,42 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool
     if packed and attn_impl not in VARLEN_IMPLEMENTATIONS:  # several documents per row: attention stays in each
         out.update(packed_attention_kwargs(out["position_ids"], attn_impl, dtype))
     return out
+
+
+def setup_recomputation(model, cfg: Config, micro: int, *, single_process: bool):
+    """Which decoder layers recompute their activations in backward, and how. `true`: all; `auto`: the
+    fewest that fit `model.memory_budget_gib` (distsft/recompute.py; measured on this device). On a single
+    process distsft's own checkpoint runs them (offloading their inputs with `model.offload_checkpoints`,
+    and skipping the down projection in the recompute); with DDP or DeepSpeed, torch's non-reentrant
+    checkpoint. Returns the plan (None when nothing is recomputed)."""
+    mode = cfg.model.gradient_checkpointing
+    if mode is False:
+        return None
+    offload = cfg.model.offload_checkpoints
+    if offload and not single_process:
+        raise ValueError("model.offload_checkpoints=true is supported on one process only for now (its "
+                         "reentrant checkpoint is not wired into DDP/DeepSpeed gradient hooks); use "
+                         "model.gradient_checkpointing without offload there")
+    budget = None if cfg.model.memory_budget_gib is None else int(cfg.model.memory_budget_gib * 2**30)
+    if mode == "auto":
+        dtype = next(model.causal_lm.parameters()).dtype
+        positions = torch.arange(cfg.data.max_seq_len).expand(micro, -1)
+        extra = packed_attention_kwargs(positions, cfg.model.attn_implementation, dtype) if cfg.data.packing else {}
+        extra = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) and k == "attention_mask" else v
+                 for k, v in extra.items()}
+        plan = plan_recomputation(model, batch_size=micro, seq_len=cfg.data.max_seq_len, budget_bytes=budget,
+                                  fused_loss=cfg.kernels.fused_linear_cross_entropy, decoder_kwargs=extra,
+                                  offload=offload)
+    else:
+        n = len(decoder_layers(model))
+        plan = RecomputePlan(num_layers=n, checkpointed=tuple(range(n)), budget_bytes=None,
+                             layer_activation_bytes=0, checkpointed_layer_bytes=0, fixed_bytes=0, shared_bytes=0,
+                             head_bytes=0, backward_bytes=0, batch_shape=(micro, cfg.data.max_seq_len))
+    fn = (offloaded_checkpoint if offload else device_checkpoint) if single_process else None
+    apply_recomputation(model, plan, fn=fn)
+    logger.info("recomputation: %s%s", plan if mode == "auto" else f"all {plan.num_layers} decoder layers",
+                " (inputs offloaded to host)" if offload else "")
+    return plan
 
 
 def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch.dtype,
@@ -182,6 +220,7 @@ def main(cfg: Config) -> TrainOutput:
         raise ValueError("checkpoint.save_merged=true is not supported under ZeRO-3 (the base weights are "
                          "partitioned); merge the exported adapter into the base model after training")
     register_head_for_zero3(unwrapped)
+    recompute_plan = setup_recomputation(unwrapped, cfg, micro, single_process=world == 1 and engine is None)
     # Refuse an attention backend that lets packed documents see each other (a probe batch, a few ms).
     # After prepare: under ZeRO-3 the engine's hooks gather the weights (every rank runs it).
     if cfg.data.packing:
@@ -251,6 +290,11 @@ def main(cfg: Config) -> TrainOutput:
     run_id = state.get("tracker_run_id") or broadcast_object_list([new_run_id() if is_main else None])[0]
     tracker = Tracker(cfg.logging, str(out_dir), is_main=is_main, config_dict=cfg.to_dict(), run_id=run_id,
                       world_size=world, start_step=step if resume_path else None)
+    if recompute_plan is not None:
+        planned = recompute_plan.budget_bytes is not None  # `auto`: the plan's estimates are meaningful
+        fields = recompute_plan.as_dict() if planned else {
+            "checkpointed_layers": len(recompute_plan.checkpointed), "num_layers": recompute_plan.num_layers}
+        tracker.event("recomputation", step, offload=cfg.model.offload_checkpoints, **fields)
     state["tracker_run_id"] = tracker.run_id
     if resume_path is not None:
         tracker.event("resumed", step, path=str(resume_path), from_world_size=state["world_size"])

@@ -140,3 +140,24 @@ def test_eval_every_n_steps_on_a_held_out_fraction(runs):
     assert result.metrics["final_eval_loss"] == evals[4] and result.metrics["best_eval_loss"] == evals[4]
     report = json.loads((out / "data_report.json").read_text())
     assert report["eval"]["documents"] > 0 and report["train"]["documents"] > report["eval"]["documents"]
+
+
+@pytest.mark.parametrize("mode", ["all-offloaded", "auto-tight", "auto-roomy"])
+def test_recomputation_through_the_trainer(runs, tmp_path, mode):
+    """`model.gradient_checkpointing` true (with offloaded inputs) and auto (a budget nothing fits: every
+    layer; a roomy one: none) train the same losses as the full run (dropout 0.1: the recompute replays
+    its masks), and the plan is logged as an event."""
+    extra = {"all-offloaded": {"model.gradient_checkpointing": "true", "model.offload_checkpoints": "true"},
+             "auto-tight": {"model.gradient_checkpointing": "auto", "model.memory_budget_gib": 1e-6},
+             "auto-roomy": {"model.gradient_checkpointing": "auto", "model.memory_budget_gib": 1000}}[mode]
+    out = tmp_path / "out"
+    distsft.train(run_config(runs["tmp"], runs["model_dir"], out, **{"checkpoint.save_steps": 3}, **extra))
+    reference = losses(runs["full"])
+    got = losses(out)
+    assert got.keys() == reference.keys()
+    for step, loss in got.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, got, reference)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plan = next(e for e in events if e.get("event") == "recomputation")
+    layers = {"all-offloaded": 2, "auto-tight": 2, "auto-roomy": 0}[mode]
+    assert plan["checkpointed_layers"] == layers and plan["num_layers"] == 2
