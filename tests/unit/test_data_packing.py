@@ -2,6 +2,8 @@
 collate, the document mask and cu_seqlens, packed == unpacked loss and LoRA gradients on a tiny Llama
 (eager and sdpa), and the startup isolation self-check."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -269,3 +271,25 @@ def test_packed_attention_kwargs():
     pos = torch.tensor([[0, 1, 0]])
     assert set(packed_attention_kwargs(pos, "sdpa", torch.float32)) == {"attention_mask"}
     assert packed_attention_kwargs(pos, "flash_attention_2", torch.bfloat16) == {}
+
+
+def test_isolation_check_in_bf16_catches_a_leak_by_swapping_neighbours():
+    """Half precision: the alone comparison is loose (rounding through deep models), so the swap test
+    must catch the leak on its own: a leaky backend moves a document's logits when its neighbours change,
+    an isolating one does not move them at all."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def leaky(module, query, key, value, attention_mask, **kw):  # ignores the mask: plain causal
+        return sdpa_attention_forward(module, query, key, value, None, **kw)
+
+    AttentionInterface.register("leaky_test_bf16", leaky)
+    model = tiny_lora_model("sdpa", vocab=300).to(torch.bfloat16)
+    out = check_packing_isolation(model, use_document_mask=True)
+    assert out["swap_max_abs_diff"] <= out["swap_tolerance"] and out["tolerance"] > 100 * out["swap_tolerance"]
+    model.base_model.model.set_attn_implementation("leaky_test_bf16")
+    with pytest.raises(PackingIsolationError, match=r"move by up to .* when the other documents") as err:
+        check_packing_isolation(model, use_document_mask=True)
+    found = re.search(r"move by up to (\S+) .*?tolerance (\S+?)\)", str(err.value))
+    swap, swap_tol = (float(x) for x in found.groups())
+    assert swap > swap_tol  # the swap test sees the leak, whatever the loose alone comparison says
