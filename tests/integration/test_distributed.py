@@ -141,6 +141,19 @@ def test_every_mode_matches_the_single_process(full_runs):
                           else ["rank-00000.safetensors", "rank-00001.safetensors"]), name
 
 
+def test_fused_lora_under_ddp_and_zero2(runner, full_runs):
+    """The fused LoRA projections (kernels.lora; the other kernels off so only it differs) under DDP's and
+    ZeRO-2's gradient hooks: the same curve as peft's forward in one process (ZeRO-3 keeps peft's forward
+    at run time: its parameters are gathered by module hooks)."""
+    fused = {"kernels.backend": "auto", "kernels.rms_norm": "false", "kernels.rope": "false",
+             "kernels.swiglu": "false", "kernels.fused_linear_cross_entropy": "false",
+             "kernels.cross_entropy": "false"}
+    for name, world, mode in (("fused_single", 1, "single"), ("fused_ddp2", 2, "ddp"), ("fused_zero2_2", 2, "zero2")):
+        run = runner.run(name, world, mode, **fused)
+        assert "lora=" in run.proc.stderr, name  # the kernel report names the fused layers
+        assert_same_curve(full_runs["single"], run, steps=(1, 2, 3, 4))
+
+
 @pytest.mark.parametrize(
     "source, world, mode",
     [
