@@ -143,10 +143,24 @@ def test_eval_every_n_steps_on_a_held_out_fraction(runs):
 
 
 @pytest.mark.parametrize("mode", ["all-offloaded", "auto-tight", "auto-roomy"])
-def test_recomputation_through_the_trainer(runs, tmp_path, mode):
+def test_recomputation_through_the_trainer(runs, tmp_path, mode, monkeypatch):
     """`model.gradient_checkpointing` true (with offloaded inputs) and auto (a budget nothing fits: every
     layer; a roomy one: none) train the same losses as the full run (dropout 0.1: the recompute replays
-    its masks), and the plan is logged as an event."""
+    its masks), the checkpointed layers really go through distsft's checkpoint (offloaded or not), and
+    the plan is logged as an event."""
+    import distsft.offload
+    import distsft.train as train_mod
+
+    calls = {"offloaded": 0, "device": 0}
+
+    def counting(kind, fn):
+        def wrapped(*a, **k):
+            calls[kind] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "offloaded_checkpoint", counting("offloaded", distsft.offload.offloaded_checkpoint))
+    monkeypatch.setattr(train_mod, "device_checkpoint", counting("device", distsft.offload.device_checkpoint))
     extra = {"all-offloaded": {"model.gradient_checkpointing": "true", "model.offload_checkpoints": "true"},
              "auto-tight": {"model.gradient_checkpointing": "auto", "model.memory_budget_gib": 1e-6},
              "auto-roomy": {"model.gradient_checkpointing": "auto", "model.memory_budget_gib": 1000}}[mode]
@@ -161,3 +175,6 @@ def test_recomputation_through_the_trainer(runs, tmp_path, mode):
     plan = next(e for e in events if e.get("event") == "recomputation")
     layers = {"all-offloaded": 2, "auto-tight": 2, "auto-roomy": 0}[mode]
     assert plan["checkpointed_layers"] == layers and plan["num_layers"] == 2
+    # 6 steps x 2 micro-batches x checkpointed layers, each through the checkpoint the mode names
+    used = {"all-offloaded": "offloaded", "auto-tight": "device", "auto-roomy": None}[mode]
+    assert calls == {k: (6 * 2 * layers if k == used else 0) for k in calls}, calls

@@ -76,14 +76,21 @@ def test_seed_and_packing_do_not_retokenize(tmp_path, path):
     assert b.report.sources[0].cache == "hit"
 
 
-def test_main_process_builds_inside_main_process_first(tmp_path, path, monkeypatch):
-    events = []
+def _recording_main_first(events: list):
+    """A stand-in for accelerate's `main_process_first` that records when it is entered and left."""
 
     @contextlib.contextmanager
     def main_first():
         events.append("enter")
         yield
         events.append("exit")
+
+    return main_first
+
+
+def test_main_process_builds_inside_main_process_first(tmp_path, path, monkeypatch):
+    events = []
+    main_first = _recording_main_first(events)
 
     real = data_mod.tokenize_source
 
@@ -104,12 +111,7 @@ def test_main_process_builds_inside_main_process_first(tmp_path, path, monkeypat
 def test_error_raised_after_leaving_main_process_first(tmp_path, monkeypatch):
     """A failing main process must release the other ranks (leave the context) before it raises."""
     events = []
-
-    @contextlib.contextmanager
-    def main_first():
-        events.append("enter")
-        yield
-        events.append("exit")
+    main_first = _recording_main_first(events)
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a" * 600}])
     with pytest.raises(DataError):
