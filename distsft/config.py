@@ -330,6 +330,10 @@ class KernelsConfig:
     PyTorch GEMMs (no Triton), so backend `auto` uses it on every device; backend `torch` keeps peft's
     forward. Layers it cannot compute (dropout > 0, DoRA, several adapters) and ZeRO-3-partitioned
     weights keep peft's forward."""
+    dequantize_4bit: bool = True
+    """With `lora` on a 4-bit (bitsandbytes) base: dequantize each weight with distsft's one-pass Triton
+    kernel (bitwise equal to bitsandbytes, one launch instead of two or three) where Triton can run;
+    false, or where it cannot: bitsandbytes' own `dequantize_4bit`."""
     on_unsupported: Literal["error", "warn"] = "error"
     """An architecture the patcher does not know: stop, or warn and train with the plain HF modules."""
 

@@ -73,6 +73,7 @@ class _Spec:
     activation: str = "silu"
     arch: _Arch | None = None
     eager: Callable | None = None
+    dequantize_4bit: bool = False  # LoRA layers on 4-bit bases: our dequantization kernel
 
 
 @dataclass
@@ -234,16 +235,27 @@ def _lora_fusable(m) -> bool:
     return not hasattr(base.weight, "ds_id")
 
 
-def _dequantize_4bit(layer) -> torch.Tensor:
+def _dequantize_4bit(layer, spec: _Spec) -> torch.Tensor:
     """A bitsandbytes Linear4bit weight as a (out, in) tensor in its compute dtype."""
-    import bitsandbytes as bnb
-
     w = layer.weight
     data, state = w.data, w.quant_state
     if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout (model.py)
+        import bitsandbytes as bnb
+
         data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
-    full = bnb.functional.dequantize_4bit(data, state)
+        full = bnb.functional.dequantize_4bit(data, state)
+    elif spec.dequantize_4bit and _use_triton(spec.backend, data):
+        full = K.dequantize_4bit_state(data, state)
+    else:
+        import bitsandbytes as bnb
+
+        full = bnb.functional.dequantize_4bit(data, state)
     return full.to(layer.compute_dtype) if layer.compute_dtype is not None else full
+
+
+KEEP_RECOMPUTED_DEQUANT = False
+"""4-bit bases in a checkpointed layer's recompute: keep each dequantized weight for the backward that
+follows instead of dequantizing it again (~0.3 GB more at the peak for an 8B layer; off by default)."""
 
 
 def _fused_lora(x, modules, values_unused: bool = False):
@@ -254,7 +266,7 @@ def _fused_lora(x, modules, values_unused: bool = False):
         if _is_4bit(base):
             # Dequantized on demand, in the forward and again in the backward (never kept): the same
             # fused GEMMs as a plain weight, no bitsandbytes autograd node and no separate dx sum.
-            weights.append(functools.partial(_dequantize_4bit, base))
+            weights.append(functools.partial(_dequantize_4bit, base, m.__dict__[_TAG]))
             biases.append(base.bias)
             base_outs.append(None)
         else:
@@ -264,7 +276,7 @@ def _fused_lora(x, modules, values_unused: bool = False):
     return K.lora_projections(
         x, [m.lora_A[key].weight for m in modules], [m.lora_B[key].weight for m in modules],
         [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs,
-        values_unused=values_unused)
+        values_unused=values_unused, keep_dequantized=KEEP_RECOMPUTED_DEQUANT and recomputing())
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -370,7 +382,8 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
     try:
         for name, (m, why) in lora_layers.items():
             if why is None:
-                _bind(m, _lora_forward, _Spec(cfg.backend, activation="lora"), undo)
+                _bind(m, _lora_forward, _Spec(cfg.backend, activation="lora", dequantize_4bit=cfg.dequantize_4bit),
+                      undo)
                 seen["lora"].add(name)
         for name, m in hf.named_modules():
             if cfg.rms_norm and _is(m, "RMSNorm", "weight"):

@@ -11,6 +11,9 @@ Functional entry points (each a `torch.autograd.Function` underneath) and their 
         -> (loss_sum, n_valid)                                              fused_linear_cross_entropy_ref
     lora_projections(x, lora_a, lora_b, scalings, *, weights | base_outs, biases)
         -> (y_1, ..., y_n)  (plain PyTorch GEMMs, no Triton)                lora_projections_ref
+    dequantize_4bit(data, absmax, code, *, blocksize, shape, dtype, nested)
+        (bitsandbytes NF4/FP4, bitwise equal; no autograd: frozen weights)  dequantize_4bit_ref
+    dequantize_4bit_state(data, quant_state)   the same from a bitsandbytes QuantState
 
 Importing this package decorates the Triton kernels, which is when Triton decides between compiling
 for a GPU and interpreting on CPU: set `TRITON_INTERPRET=1` before the first import to interpret.
@@ -49,6 +52,7 @@ else:
     from .lora import lora_projections, lora_projections_ref  # cuBLAS, no Triton: runs everywhere
     from .reference import (
         cross_entropy_ref,
+        dequantize_4bit_ref,
         fused_linear_cross_entropy_ref,
         geglu_ref,
         rms_norm_ref,
@@ -59,6 +63,7 @@ else:
     try:
         from ._common import INTERPRETED, triton_can_run
         from .cross_entropy import cross_entropy
+        from .dequant import dequantize_4bit, dequantize_4bit_state
         from .fused_linear_cross_entropy import fused_linear_cross_entropy
         from .rms_norm import rms_norm
         from .rope import rope
@@ -80,6 +85,8 @@ __all__ = [
     "INTERPRETED",
     "triton_can_run",
     "cross_entropy",
+    "dequantize_4bit",
+    "dequantize_4bit_state",
     "fused_linear_cross_entropy",
     "gated_activation",
     "geglu",
@@ -89,6 +96,7 @@ __all__ = [
     "lora_projections",
     "lora_projections_ref",
     "cross_entropy_ref",
+    "dequantize_4bit_ref",
     "fused_linear_cross_entropy_ref",
     "geglu_ref",
     "rms_norm_ref",

@@ -52,7 +52,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scalings, values_unused, *tensors):
+    def forward(ctx, x, scalings, values_unused, keep_dequantized, *tensors):
         n = len(scalings)
         weights, biases, base_outs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
         lora_a, lora_b = tensors[3 * n:4 * n], tensors[4 * n:]
@@ -61,7 +61,7 @@ class _LoRAProjections(torch.autograd.Function):
         a_cat = torch.cat([a.to(dt) for a in lora_a]) if n > 1 else lora_a[0].to(dt)  # (R, d_in)
         mid = x2 @ a_cat.t()  # (N, R)
         b_scaled = [(b * s).to(dt) for b, s in zip(lora_b, scalings, strict=True)]  # (d_out_i, r_i)
-        outs, off = [], 0
+        outs, off, kept = [], 0, {}
         for i in range(n):
             r = lora_a[i].shape[0]
             mid_i = mid[:, off:off + r]
@@ -71,6 +71,8 @@ class _LoRAProjections(torch.autograd.Function):
             elif weights[i] is not None:
                 w = weights[i]() if callable(weights[i]) else weights[i]  # a 4-bit weight: dequantized now
                 y = torch.nn.functional.linear(x2, w, biases[i])  # (N, d_out_i)
+                if keep_dequantized and callable(weights[i]):
+                    kept[i] = w
                 del w
                 y.addmm_(mid_i, b_scaled[i].t())
             else:
@@ -81,6 +83,7 @@ class _LoRAProjections(torch.autograd.Function):
         ctx.has_weight = [w is not None for w in weights]
         ctx.ranks = [a.shape[0] for a in lora_a]
         ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b, strict=True)]
+        weights = [kept.get(i, w) for i, w in enumerate(weights)]
         ctx.weight_fns = [w if callable(w) else None for w in weights]
         ctx.save_for_backward(x, mid, a_cat, *b_scaled, *(w for w in weights if torch.is_tensor(w)))
         return tuple(outs)
@@ -111,11 +114,11 @@ class _LoRAProjections(torch.autograd.Function):
                     grad_x.addmm_(g2[i], w)  # += g_i @ W_i, in the GEMM's epilogue
             grad_x = grad_x.view_as(x)
         grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
-        return (grad_x, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)
+        return (grad_x, None, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)
 
 
 def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None,
-                     values_unused: bool = False):
+                     values_unused: bool = False, keep_dequantized: bool = False):
     """y_i = x @ W_i^T + b_i + s_i (x @ A_i^T) @ B_i^T for each i, as one autograd node.
 
     x (..., d_in); lora_a[i] (r_i, d_in), lora_b[i] (d_out_i, r_i) trainable (any float dtype, fp32 for
@@ -128,6 +131,10 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
     them (a checkpointed layer's recompute, where the last projection feeds only the residual sum that
     leaves the layer): the GEMMs producing them are skipped and the outputs are uninitialised memory.
     The backward is unchanged (it reads x, mid and the weights, never the outputs).
+
+    `keep_dequantized`: weights given as callables are called once, in the forward, and the result is
+    kept for the backward (memory for time: a checkpointed layer's recompute runs right before its
+    backward, so its dequantized weights live only that long).
     """
     n = len(lora_a)
     weights = list(weights) if weights is not None else [None] * n
@@ -139,7 +146,8 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
         for name, t in (("weight", weights[i]), ("bias", biases[i])):
             if torch.is_tensor(t) and t.requires_grad:
                 raise ValueError(f"projection {i}: the base {name} must be frozen (requires_grad=False)")
-    return _LoRAProjections.apply(x, tuple(float(s) for s in scalings), bool(values_unused), *weights, *biases,
+    return _LoRAProjections.apply(x, tuple(float(s) for s in scalings), bool(values_unused), bool(keep_dequantized),
+                                  *weights, *biases,
                                   *base_outs, *lora_a, *lora_b)
 
 

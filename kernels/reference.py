@@ -73,3 +73,20 @@ def fused_linear_cross_entropy_ref(
     return cross_entropy_ref(
         logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap
     )
+
+
+def dequantize_4bit_ref(data, absmax, code, *, blocksize: int, shape, dtype, nested=None):
+    """bitsandbytes' 4-bit dequantization (NF4 / FP4, optional double quantization) in plain PyTorch:
+    fp32 products (the nested absmax and its offset rounded separately), one rounding to `dtype`."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    raw = (data.view(torch.uint8) if data.dtype != torch.uint8 else data).reshape(-1).to(torch.int64)
+    nibbles = torch.stack((raw >> 4, raw & 15), dim=1).reshape(-1)[:n]  # element 2i: high nibble of byte i
+    if nested is not None:
+        absmax2, code2, blocksize2, offset = nested
+        idx = torch.arange(absmax.numel(), device=absmax.device) // int(blocksize2)
+        absmax = code2[absmax.reshape(-1).to(torch.int64)] * absmax2.reshape(-1)[idx]
+        absmax = absmax + (offset if torch.is_tensor(offset) else torch.tensor(float(offset)))
+    scale = absmax.reshape(-1).float()[torch.arange(n, device=raw.device) // blocksize]
+    return (code.float()[nibbles] * scale).to(dtype).reshape(shape)

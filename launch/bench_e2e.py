@@ -55,19 +55,22 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
 
 
-def build_qlora(shape: str, gc: bool, offload: bool):
+def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, keep_dequant: bool = False):
     """distsft's QLoRA path: random weights quantized to NF4 (double quantization) layer by layer while drawn,
     LoRA on top, our kernels, through the trainer's own `build_model`."""
     import torch
 
     from distsft.config import KernelsConfig, LoraConfig, ModelConfig
     from distsft.model import build_model
+    from distsft import patching
     from distsft.offload import device_checkpoint, offloaded_checkpoint
 
+    patching.KEEP_RECOMPUTED_DEQUANT = keep_dequant
     wrapper, _ = build_model(
         ModelConfig(init_from_config=str(REPO / "launch" / "shapes" / shape), dtype="bfloat16", load_in_4bit=True,
                     attn_implementation="sdpa"),
-        LoraConfig(r=16, alpha=32, target_modules=TARGETS), KernelsConfig(), torch.device("cuda"), seed=0)
+        LoraConfig(r=16, alpha=32, target_modules=TARGETS), KernelsConfig(dequantize_4bit=not bnb_dequant),
+        torch.device("cuda"), seed=0)
     if gc:
         for layer in wrapper.causal_lm.model.layers:
             layer.gradient_checkpointing = True
@@ -82,14 +85,15 @@ def build_qlora(shape: str, gc: bool, offload: bool):
     return wrapper, wrapper.config, loss
 
 
-def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool = False, qlora: bool = False):
+def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool = False, qlora: bool = False,
+          **qlora_options):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(REPO / "launch" / "shapes" / shape)
     if qlora:
-        return build_qlora(shape, gc, offload)
+        return build_qlora(shape, gc, offload, **qlora_options)
     if provider.startswith("liger"):
         import liger_kernel.transformers as lk
 
@@ -139,7 +143,8 @@ def worker(args) -> dict:
 
     from distsft.flops import train_flops
 
-    model, config, loss_fn = build(args.worker, args.shape, args.gc, offload=args.offload, qlora=args.qlora)
+    model, config, loss_fn = build(args.worker, args.shape, args.gc, offload=args.offload, qlora=args.qlora,
+                                   bnb_dequant=args.bnb_dequant, keep_dequant=args.keep_dequant)
     params = [p for p in model.parameters() if p.requires_grad]
     lora = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -239,6 +244,8 @@ def run_one(case: str, provider: str, args) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--gc"] if args.gc else [])
     cmd += ["--offload"] if args.offload else []
     cmd += ["--qlora"] if args.qlora else []
+    cmd += ["--bnb-dequant"] if args.bnb_dequant else []
+    cmd += ["--keep-dequant"] if args.keep_dequant else []
     cmd += ["--profile"] if args.profile and provider != "real" else []
     if provider == "real":
         cmd += ["--real-data", args.real_data, "--real-attn", args.real_attn]
@@ -258,6 +265,10 @@ def main() -> None:
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing for every provider")
     ap.add_argument("--qlora", action="store_true",
                     help="distsft only: the base quantized to NF4 while drawn (model.load_in_4bit)")
+    ap.add_argument("--bnb-dequant", action="store_true",
+                    help="with --qlora: bitsandbytes' dequantization instead of distsft's kernel (kernels.dequantize_4bit)")
+    ap.add_argument("--keep-dequant", action="store_true",
+                    help="with --qlora --gc: keep the recompute's dequantized weights for the backward")
     ap.add_argument("--offload", action="store_true",
                     help="with --gc: distsft keeps checkpointed layers' inputs in pinned host memory")
     ap.add_argument("--real-data", help="also train distsft on this file, packed")

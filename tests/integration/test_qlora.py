@@ -420,10 +420,14 @@ def test_random_init_4bit_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     assert all_at_once > 4 * layer_bytes
 
 
-def test_fused_lora_on_the_4bit_base_matches_peft(run):
+@pytest.mark.parametrize("ours", [True, False], ids=["triton-dequant", "bnb-dequant"])
+def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours):
     """kernels.lora on a 4-bit base: the weight dequantized inside our fused node (forward and again in
-    backward) against peft's bitsandbytes path, on the same quantized model: loss and every LoRA gradient."""
+    backward; by our Triton kernel or by bitsandbytes, `kernels.dequantize_4bit`) against peft's
+    bitsandbytes path, on the same quantized model: loss and every LoRA gradient."""
     import copy
+
+    import distsft_kernels as K
 
     from peft import LoraConfig, get_peft_model
 
@@ -435,8 +439,12 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run):
     model = get_peft_model(_quantized_base(tmp), LoraConfig(r=4, target_modules="all-linear",
                                                             init_lora_weights=False))
     peft_ref = copy.deepcopy(model)
-    report = apply_kernels(model, KernelsConfig(rms_norm=False, rope=False, swiglu=False))
+    report = apply_kernels(model, KernelsConfig(rms_norm=False, rope=False, swiglu=False, dequantize_4bit=ours))
     assert report.counts["lora"] == 7 * model.config.num_hidden_layers
+    calls = []
+    if K.HAS_TRITON:
+        real = K.dequantize_4bit_state
+        monkeypatch.setattr(K, "dequantize_4bit_state", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     results = []
     for m in (model, peft_ref):
@@ -449,3 +457,7 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run):
     for name, g in grads.items():
         assert ref_grads[name].abs().max() > 0, name
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # forward 7 per layer; backward 7 per layer but layer 0's q/k/v, whose input (the frozen embedding's,
+    # normed) needs no gradient; no recompute here
+    expected = 14 * model.config.num_hidden_layers - 3 if ours and K.HAS_TRITON else 0
+    assert len(calls) == expected

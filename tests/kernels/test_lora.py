@@ -85,6 +85,29 @@ def test_external_base_output(dtype, device):
                             requires_grad=[True, True, True, True, True, True, True])
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["dequantized-twice", "kept"])
+def test_callable_weights(keep, device):
+    """Weights given as callables (4-bit bases): called in the forward and again in the backward, or once
+    with `keep_dequantized`; the same results as plain tensors either way."""
+    x, ws, _, a, b, s = _inputs((5,), 48, [(40, 4), (24, 4)], device)
+    results, calls = [], []
+
+    def dequantize(w):
+        calls.append(w.shape)
+        return w.clone()
+
+    for fns in (ws, [lambda w=w: dequantize(w) for w in ws]):
+        xi = x.clone().requires_grad_()
+        ai = [t.clone().requires_grad_() for t in a]
+        outs = lora_projections(xi, ai, b, s, weights=fns, keep_dequantized=keep)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), device=device).view_as(o)).sum() for o in outs)
+        results.append((outs, torch.autograd.grad(loss, [xi, *ai])))
+    (outs, grads), (outs_c, grads_c) = results
+    for t, u in zip([*outs, *grads], [*outs_c, *grads_c], strict=True):
+        torch.testing.assert_close(u, t, rtol=0, atol=0)
+    assert len(calls) == (2 if keep else 4)
+
+
 def test_errors(device):
     x, ws, _, a, b, s = _inputs((3,), 16, [(8, 2)], device)
     with pytest.raises(ValueError, match="exactly one of weights"):

@@ -1,0 +1,89 @@
+"""4-bit dequantization kernel against bitsandbytes (the format's owner) and the PyTorch reference:
+bitwise equal, NF4 and FP4, with and without double quantization, every output dtype, odd sizes and
+ragged last blocks, uint8 and bf16 (ZeRO-3) storage; fresh random weights per test.
+
+bitsandbytes 0.50's native CPU dequantization is wrong where a row's length is not a multiple of the
+block size (blocks that straddle rows: errors of ~2 on N(0, 1) weights; its CUDA kernel and its pure
+PyTorch fallback are right), so on CPU those shapes are checked against the reference only."""
+
+import pytest
+import torch
+
+import distsft_kernels as K
+
+bnb = pytest.importorskip("bitsandbytes")
+F = bnb.functional
+
+pytestmark = pytest.mark.skipif(not K.HAS_TRITON, reason="needs triton")
+
+
+def _quantize(shape, dtype, quant_type, nested, blocksize, device, storage=torch.uint8):
+    w = torch.randn(shape, dtype=dtype, device=device) * (1 + 3 * torch.rand(shape[0], 1, device=device)).to(dtype)
+    data, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested,
+                                  quant_storage=storage)
+    return w, data, state
+
+
+def _bnb(data, state, device):
+    """bitsandbytes' own dequantization where it is right (see the module docstring), else None."""
+    if device.type == "cpu" and state.shape[-1] % state.blocksize:
+        return None
+    return F.dequantize_4bit(data, state)
+
+
+def _nested(state):
+    return (state.state2.absmax, state.state2.code, state.state2.blocksize, state.offset) if state.nested else None
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "fp32-absmax"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,blocksize", [((123, 70), 64), ((64, 256), 64), ((37, 96), 32), ((300, 130), 128),
+                                             ((48, 512), 256)])
+def test_bitwise_equal_to_bitsandbytes(device, quant_type, nested, dtype, shape, blocksize):
+    w, data, state = _quantize(shape, dtype, quant_type, nested, blocksize, device)
+    ours = K.dequantize_4bit_state(data, state)
+    ref = K.dequantize_4bit_ref(data, state.absmax, state.code, blocksize=state.blocksize, shape=tuple(state.shape),
+                                dtype=state.dtype, nested=_nested(state))
+    assert ours.dtype == ref.dtype == dtype and ours.shape == ref.shape == w.shape
+    assert torch.equal(ours, ref), f"max diff {(ours.float() - ref.float()).abs().max().item()}"
+    expected = _bnb(data, state, device)
+    if expected is not None:
+        assert torch.equal(ref, expected), f"max diff {(ref.float() - expected.float()).abs().max().item()}"
+    # not a constant: the quantization error is that of 4 bits, and most values are distinct
+    assert (ours.float() - w.float()).abs().max() < 0.35 * w.float().abs().max()
+    assert ours.unique().numel() > 16
+
+
+def test_bf16_storage_as_zero3_keeps_it(device):
+    """quant_storage=bfloat16 (how ZeRO-3 partitions 4-bit weights): the same bytes, read through a view."""
+    _, data, state = _quantize((96, 128), torch.bfloat16, "nf4", True, 64, device, storage=torch.bfloat16)
+    assert data.dtype == torch.bfloat16
+    assert torch.equal(K.dequantize_4bit_state(data, state), F.dequantize_4bit(data, state))
+
+
+def test_a_flipped_nibble_moves_exactly_one_value(device):
+    """Element order: element 2i is byte i's high nibble, 2i+1 its low one (a swapped order would fail here
+    even where the two nibbles decode to close values)."""
+    _, data, state = _quantize((8, 64), torch.float32, "nf4", False, 64, device)
+    base = K.dequantize_4bit_state(data, state).reshape(-1)
+    for byte, mask, element in ((5, 0xF0, 10), (5, 0x0F, 11), (200, 0x0F, 401)):
+        mutated = data.clone()
+        mutated.view(-1)[byte] ^= mask
+        diff = (K.dequantize_4bit_state(mutated, state).reshape(-1) != base).nonzero().flatten().tolist()
+        assert diff == [element], (byte, mask, diff)
+
+
+def test_bad_inputs_are_named(device):
+    _, data, state = _quantize((16, 64), torch.bfloat16, "nf4", False, 64, device)
+    with pytest.raises(ValueError, match="packed bytes"):
+        K.dequantize_4bit(data[:100], state.absmax, state.code, blocksize=64, shape=(16, 64), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="blocksize"):
+        K.dequantize_4bit(data, state.absmax, state.code, blocksize=48, shape=(16, 64), dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_llama_8b_mlp_weight_on_gpu(cuda):
+    """The largest Llama-3.1-8B projection (14336 x 4096) with QLoRA's settings, on the GPU's bitsandbytes."""
+    _, data, state = _quantize((14336, 4096), torch.bfloat16, "nf4", True, 64, cuda)
+    assert torch.equal(K.dequantize_4bit_state(data, state), F.dequantize_4bit(data, state))
