@@ -218,6 +218,31 @@ def test_qlora_under_zero3_on_two_ranks(run):
     assert max(float((adapter[k] - reference[k]).abs().max()) for k in adapter) <= ZERO3_ATOL
 
 
+def test_qlora_zero3_checkpoint_resumes_in_one_process(run):
+    """A 4-bit ZeRO-3 run on 2 ranks checkpoints at step 3; one process without DeepSpeed resumes from it
+    (another world size and stage, no conversion): steps 4-6 are the uninterrupted single run's."""
+    import shutil
+
+    from _support import REPO
+
+    tmp, single_out, _ = run
+    out = tmp / "zero3_resume"
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp / "zero3_resume.json").write_text(json.dumps(ds))
+    _torchrun(tmp, "zero3_resume", qlora_config(tmp, out, **{
+        "train.per_device_train_batch_size": 1, "checkpoint.save_steps": 3, "checkpoint.save_merged": "false",
+        "distributed.deepspeed_config": tmp / "zero3_resume.json"}))
+    shutil.rmtree(out / "checkpoints" / "step-00000006")  # as if the job had died after step 3's save
+    (out / "metrics.jsonl").unlink()
+    result = distsft.train(qlora_config(tmp, out, **{"checkpoint.resume_from_checkpoint": "auto",
+                                                      "checkpoint.save_steps": 3, "checkpoint.save_merged": "false"}))
+    assert result is not None
+    single, resumed = _losses(single_out), _losses(out)
+    assert set(resumed) == {4, 5, 6}, resumed
+    assert max(abs(single[s] - resumed[s]) for s in resumed) <= ZERO3_ATOL, (single, resumed)
+
+
 def test_zero3_quantization_settings_and_errors(monkeypatch, run, tmp_path):
     """Under ZeRO-3 the 4-bit storage is the model dtype; another storage dtype, or a checkpoint that is
     already quantized, stops with a clear error before any weight is loaded."""

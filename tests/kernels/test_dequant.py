@@ -85,5 +85,10 @@ def test_bad_inputs_are_named(device):
 @pytest.mark.gpu
 def test_llama_8b_mlp_weight_on_gpu(cuda):
     """The largest Llama-3.1-8B projection (14336 x 4096) with QLoRA's settings, on the GPU's bitsandbytes."""
+    import distsft_kernels.dequant as D
+
     _, data, state = _quantize((14336, 4096), torch.bfloat16, "nf4", True, 64, cuda)
-    assert torch.equal(K.dequantize_4bit_state(data, state), F.dequantize_4bit(data, state))
+    expected = F.dequantize_4bit(data, state)
+    for _ in range(3):  # the first launch compiles, later ones take the direct launch path (checked once)
+        assert torch.equal(K.dequantize_4bit_state(data, state), expected)
+    assert D._direct_ok is True
