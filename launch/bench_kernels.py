@@ -72,7 +72,10 @@ def _dist_version(name):
 
 
 def case(kernel: str, s: dict, n: int, L, dev="cuda"):
-    """(inputs needing grad, providers {name: fn() -> outputs}, bytes {mode: int}, flops, loss_like)."""
+    """(inputs needing grad, providers {name: fn() -> outputs}, bytes {mode: int}, flops, loss_like, chains).
+
+    chains (ops whose output has its input's shapes): (start() -> tensors, {name: step(tensors) -> tensors}),
+    the op applied to its own output, as layers apply it one after another in a model (see measure_chain)."""
     e = 2  # bf16 bytes
     if kernel in ("rms_norm", "rms_norm_dw"):
         x = torch.randn(n, s["d"], device=dev, dtype=DT, requires_grad=True)
@@ -84,7 +87,11 @@ def case(kernel: str, s: dict, n: int, L, dev="cuda"):
         if L:
             prov["liger"] = lambda: L.liger_rms_norm(x, w, eps, 0.0, "llama", False)
         nb = n * s["d"] * e
-        return leaves, prov, {"fwd": 2 * nb, "bwd": 3 * nb}, None, False
+        steps = {"torch": lambda t: R.rms_norm_ref(t[0], w, eps), "ours": lambda t: K.rms_norm(t[0], w, eps)}
+        steps["compile"] = lambda t: prov["compile"][0](t[0], w, eps)
+        if L:
+            steps["liger"] = lambda t: L.liger_rms_norm(t[0], w, eps, 0.0, "llama", False)
+        return leaves, prov, {"fwd": 2 * nb, "bwd": 3 * nb}, None, False, (lambda: (x,), steps)
     if kernel == "rope":
         bsz, t = 4, n // 4
         q = torch.randn(bsz, t, s["hq"], s["hd"], device=dev, dtype=DT, requires_grad=True)  # (B, T, H, D)
@@ -102,7 +109,11 @@ def case(kernel: str, s: dict, n: int, L, dev="cuda"):
         if L:
             prov["liger"] = lambda: L.liger_rope(hf(q), hf(k), cos, sin)
         nb = n * (s["hq"] + s["hkv"]) * s["hd"] * e * 2 + 2 * n * s["hd"] * e
-        return [q, k], prov, {"fwd": nb, "bwd": nb}, None, False
+        steps = {"torch": lambda t: R.rope_ref(*t, cos, sin), "ours": lambda t: K.rope(*t, cos, sin),
+                 "compile": lambda t: prov["compile"][0](*t, cos, sin)}
+        if L:
+            steps["liger"] = lambda t: L.liger_rope(*t, cos, sin)
+        return [q, k], prov, {"fwd": nb, "bwd": nb}, None, False, (lambda: (hf(q), hf(k)), steps)
     if kernel == "swiglu":
         g = torch.randn(n, s["inter"], device=dev, dtype=DT, requires_grad=True)
         u = torch.randn(n, s["inter"], device=dev, dtype=DT, requires_grad=True)
@@ -112,7 +123,7 @@ def case(kernel: str, s: dict, n: int, L, dev="cuda"):
         if L:
             prov["liger"] = lambda: L.liger_swiglu(g, u)
         nb = n * s["inter"] * e
-        return [g, u], prov, {"fwd": 3 * nb, "bwd": 5 * nb}, None, False
+        return [g, u], prov, {"fwd": 3 * nb, "bwd": 5 * nb}, None, False, None
     targets = torch.randint(0, s["vocab"], (n,), device=dev)
     targets[::8] = -100
     if kernel == "cross_entropy":
@@ -123,7 +134,7 @@ def case(kernel: str, s: dict, n: int, L, dev="cuda"):
         if L:
             prov["liger"] = lambda: L.liger_cross_entropy(z, targets, reduction="sum")
         nb = n * s["vocab"] * e
-        return [z], prov, {"fwd": nb, "fwd+bwd": 2 * nb}, None, True
+        return [z], prov, {"fwd": nb, "fwd+bwd": 2 * nb}, None, True, None
     # fused linear cross-entropy, frozen head (LoRA)
     h = torch.randn(n, s["d"], device=dev, dtype=DT, requires_grad=True)
     w = torch.randn(s["vocab"], s["d"], device=dev, dtype=DT) / s["d"] ** 0.5 * 3
@@ -132,7 +143,7 @@ def case(kernel: str, s: dict, n: int, L, dev="cuda"):
     prov["compile"] = (torch.compile(R.fused_linear_cross_entropy_ref, dynamic=False), lambda f: f(h, w, targets))
     if L:
         prov["liger"] = lambda: L.liger_fused_linear_cross_entropy(h, w, targets, reduction="sum")
-    return [h], prov, {}, 4 * n * s["d"] * s["vocab"], True
+    return [h], prov, {}, 4 * n * s["d"] * s["vocab"], True, None
 
 
 def _as_tuple(out):
@@ -192,6 +203,25 @@ def measure(fn, leaves, loss_like, do_bench):
     return res
 
 
+def measure_chain(start, step, leaves, do_bench, reps=10) -> float:
+    """ms per backward of `reps` applications of the op chained (each applied to the previous one's output)
+    and backpropagated by one autograd call, as a model's backward runs them: per node, the engine's
+    scheduling and the op's own backward, but the fixed cost of entering the engine (~140 us on the lent
+    host, more than a RoPE backward's GPU time) once for all of them, as once per training step."""
+    t = start()
+    for _ in range(reps):
+        t = _as_tuple(step(t))
+    outs = [o for o in t if o.requires_grad]
+    grads = [torch.randn_like(o) for o in outs]
+
+    def bwd():
+        torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+
+    bwd()
+    bwd()
+    return do_bench(bwd) / reps
+
+
 def graph_time(f, do_bench, stream) -> float:
     """ms of f() captured once in a CUDA graph on `stream` (warmed up there first) and replayed."""
     with torch.cuda.stream(stream):
@@ -238,8 +268,9 @@ def measure_graph(fn, leaves, do_bench, reps=10):
 def median_of(rounds: list[dict]) -> dict:
     """Per-key median over rounds of `measure` (the flags and memory of the last round)."""
     res = dict(rounds[-1])
-    for key in ("fwd", "bwd", "fwd+bwd"):
-        res[key] = statistics.median(r[key] for r in rounds)
+    for key in ("fwd", "bwd", "fwd+bwd", "bwd_chain"):
+        if all(key in r for r in rounds):
+            res[key] = statistics.median(r[key] for r in rounds)
     return res
 
 
@@ -329,17 +360,20 @@ def main(argv=None):
             f"eager: median of {args.rounds} rounds interleaved over the providers (losses: 1 round); "
             "graph: the same closures captured once in a CUDA graph and replayed (device time, no host "
             "overhead; not for the losses); BW: share of the copy bandwidth at the fewest bytes the op must "
-            "move; `*`: bwd = (fwd+bwd) - fwd (gradients made in the forward, or a backward that cannot be repeated)",
+            "move; `*`: bwd = (fwd+bwd) - fwd (gradients made in the forward, or a backward that cannot be repeated); "
+            "chained bwd (rms_norm, rope): 10 applications of the op, each on the previous one's output, "
+            "backpropagated by one autograd call, per application (eager, median of the rounds)",
             "- rms_norm: frozen weight (LoRA; no dw), rms_norm_dw: trainable weight; rope: 4 x 4096 tokens, "
             "HF layout (B, H, T, D) over (B, T, H, D) memory; cross_entropy: materialised bf16 logits; "
             "fused_linear_ce: frozen head, TFLOP/s counts 4 N d V; losses: reduction sum, 1/8 of targets ignored",
             "",
             "| kernel | shape | provider | fwd ms | bwd ms | fwd+bwd ms | fwd BW | bwd BW | graph fwd ms "
-            "| graph bwd ms | graph fwd+bwd ms | graph fwd BW | graph bwd BW | TFLOP/s | peak extra MiB |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| graph bwd ms | graph fwd+bwd ms | graph fwd BW | graph bwd BW | chained bwd ms | chained bwd BW "
+            "| TFLOP/s | peak extra MiB |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for kernel in args.kernels:  # kernel-major: a run cut short keeps whole kernels, both shapes
         for shape in args.shapes:
-            leaves, prov, nbytes, flops, loss_like = case(kernel, SHAPES[shape], args.tokens, L, dev)
+            leaves, prov, nbytes, flops, loss_like, chain = case(kernel, SHAPES[shape], args.tokens, L, dev)
             fns = {}
             for name in args.providers:
                 if name not in prov or (name == "compile" and args.no_compile):
@@ -352,6 +386,12 @@ def main(argv=None):
                     if name in rounds and rounds[name] is not None:
                         try:
                             rounds[name].append(measure(fn, leaves, loss_like, do_bench))
+                            if chain and name in chain[1]:
+                                try:
+                                    rounds[name][-1]["bwd_chain"] = measure_chain(chain[0], chain[1][name], leaves,
+                                                                                  do_bench)
+                                except RuntimeError as e:  # a provider whose op cannot take its own output
+                                    print(f"{kernel} {shape} {name} chained: {e}", file=sys.stderr, flush=True)
                         except Exception as e:  # a peer that fails on a shape must not end the run
                             print(f"{kernel} {shape} {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                             rows.append(f"| {kernel} | {shape} | {name} | error: {type(e).__name__} |" + " |" * 11)
@@ -388,8 +428,10 @@ def table_row(kernel, shape, name, r, nbytes, flops, bw) -> str:
     graph = (f"{g['fwd']:.3f} | {g['bwd']:.3f} | {g['fwd+bwd']:.3f} | {share(g, 'fwd')} | {share(g, 'bwd')}"
              if g else " | | | | ")
     tflops = f"{flops / (r['fwd+bwd'] * 1e-3) / 1e12:.0f}" if flops else ""
+    chained = (f"{r['bwd_chain']:.3f} | {nbytes['bwd'] / (r['bwd_chain'] * 1e-3) / bw:.0%}"
+               if "bwd_chain" in r and "bwd" in nbytes else " | ")
     return (f"| {kernel} | {shape} | {name} | {r['fwd']:.3f} | {r['bwd']:.3f}{star} | {r['fwd+bwd']:.3f} "
-            f"| {share(r, 'fwd')} | {bwd_bw} | {graph} | {tflops} | {r['mem']:.0f} |")
+            f"| {share(r, 'fwd')} | {bwd_bw} | {graph} | {chained} | {tflops} | {r['mem']:.0f} |")
 
 
 def targets(results, args, bw) -> list[str]:
@@ -419,6 +461,8 @@ def targets(results, args, bw) -> list[str]:
                 if t:
                     line += (f" {label} fwd {verdict(nb['fwd'] / (t['fwd'] * 1e-3) / bw, f_goal)}, "
                              f"bwd {verdict(nb['bwd'] / (t['bwd'] * 1e-3) / bw, b_goal)};")
+            if "bwd_chain" in r:
+                line += f" chained bwd {verdict(nb['bwd'] / (r['bwd_chain'] * 1e-3) / bw, b_goal)};"
             lines.append(line.rstrip(";"))
         for kernel in KERNELS:
             ours, liger = results.get((kernel, shape, "ours")), results.get((kernel, shape, "liger"))
@@ -428,6 +472,9 @@ def targets(results, args, bw) -> list[str]:
                     if o and li:
                         line += (f" {label} {o['fwd+bwd']:.3f} vs {li['fwd+bwd']:.3f} ms "
                                  f"{'ok' if o['fwd+bwd'] <= li['fwd+bwd'] else 'SLOWER'};")
+                if "bwd_chain" in ours and "bwd_chain" in liger:
+                    o, li = ours["fwd"] + ours["bwd_chain"], liger["fwd"] + liger["bwd_chain"]
+                    line += f" fwd + chained bwd {o:.3f} vs {li:.3f} ms {'ok' if o <= li else 'SLOWER'};"
                 lines.append(line.rstrip(";"))
         r = results.get(("fused_linear_ce", shape, "ours"))
         if r:
