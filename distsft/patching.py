@@ -164,7 +164,13 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
     cos, sin = position_embeddings  # (B|1, T, D) from the model's rotary embedding (any rope variant)
     if _use_triton(spec.backend, query_states):
-        query_states, key_states = K.rope(query_states, key_states, cos, sin)  # in place, one launch
+        dup = self.__dict__.get("_distsft_rope_duplicated")
+        if dup is None:  # HF builds cos/sin as cat(f, f): checked once per module (one sync), then trusted
+            h = cos.shape[-1] // 2
+            dup = bool(torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:]))
+            self.__dict__["_distsft_rope_duplicated"] = dup
+        # in place, one launch; reading only the first halves of cos/sin where they repeat
+        query_states, key_states = K.rope(query_states, key_states, cos, sin, duplicated_halves=dup)
     else:
         query_states, key_states = rope_ref(query_states, key_states, cos, sin)
 

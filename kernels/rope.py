@@ -49,7 +49,7 @@ def _rope_kernel(
     Q, K, QO, KO, COS, SIN, n_tokens, seq_len, n_qh, n_kh, half,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sc_b, sc_t,
     BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DUPLICATED: tl.constexpr,
 ):
     # BLOCK_T tokens per program (1 on a GPU for Llama-sized heads), all q heads and all k heads.
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -60,9 +60,13 @@ def _rope_kernel(
     cmask = tok_mask[:, None] & (d < half)[None, :]
     cs = b[:, None] * sc_b + t[:, None] * sc_t + d[None, :]
     c1 = tl.load(COS + cs, mask=cmask, other=0.0).to(tl.float32)[:, None, :]
-    c2 = tl.load(COS + cs + half, mask=cmask, other=0.0).to(tl.float32)[:, None, :]
     s1 = tl.load(SIN + cs, mask=cmask, other=0.0).to(tl.float32)[:, None, :]
-    s2 = tl.load(SIN + cs + half, mask=cmask, other=0.0).to(tl.float32)[:, None, :]
+    if DUPLICATED:  # HF's rotary embeddings: cos/sin = cat(f, f): the second halves equal the first
+        c2 = c1
+        s2 = s1
+    else:
+        c2 = tl.load(COS + cs + half, mask=cmask, other=0.0).to(tl.float32)[:, None, :]
+        s2 = tl.load(SIN + cs + half, mask=cmask, other=0.0).to(tl.float32)[:, None, :]
     if BACKWARD:  # transpose of [[c1, -s1], [s2, c2]]: swap the sines and negate them
         neg_s2 = -s2
         s2 = -s1
@@ -72,7 +76,7 @@ def _rope_kernel(
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_config(n_tokens: int, n_qh: int, n_kh: int, head_dim: int) -> tuple[tuple[int], dict]:
+def _launch_config(n_tokens: int, n_qh: int, n_kh: int, head_dim: int, duplicated: bool) -> tuple[tuple[int], dict]:
     """(grid, block sizes and warps), computed once per shape."""
     block_d = triton.next_power_of_2(head_dim // 2)
     block_qh, block_kh = triton.next_power_of_2(n_qh), triton.next_power_of_2(n_kh)
@@ -82,18 +86,19 @@ def _launch_config(n_tokens: int, n_qh: int, n_kh: int, head_dim: int) -> tuple[
     cap = 64 if INTERPRETED else 1 << max(0, (2048 // per_token).bit_length() - 1)
     block_t = min(triton.next_power_of_2(n_tokens), cap)
     warps = 4 if block_t * per_token <= 4096 else 8
-    consts = dict(BLOCK_T=block_t, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d, num_warps=warps)
+    consts = dict(BLOCK_T=block_t, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d, DUPLICATED=duplicated,
+                  num_warps=warps)
     return (triton.cdiv(n_tokens, block_t),), consts
 
 
 class RopeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, duplicated):
         bsz, n_qh, seq_len, head_dim = q.shape
         n_kh = k.shape[1]
         sc = cos.stride()  # (B|1, T, D): the batch stride is 0 when cos/sin are shared over the batch
         sc_b = sc[0] if cos.shape[0] != 1 else 0
-        grid, consts = _launch_config(bsz * seq_len, n_qh, n_kh, head_dim)
+        grid, consts = _launch_config(bsz * seq_len, n_qh, n_kh, head_dim, duplicated)
         args = (cos, sin, bsz * seq_len, seq_len, n_qh, n_kh, head_dim // 2)
         sq, sk = q.stride(), k.stride()
         _rope_kernel[grid](q, k, q, k, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc[1],
@@ -113,7 +118,7 @@ class RopeFunction(torch.autograd.Function):
         sq, sk = dq.stride(), dk.stride()
         _rope_kernel[grid](dq, dk, dq_out, dk_out, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc_t,
                            BACKWARD=True, **consts)
-        return dq_out, dk_out, None, None
+        return dq_out, dk_out, None, None, None
 
 
 def _out_like(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +130,14 @@ def _out_like(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g, out
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+         duplicated_halves: bool = False):
     """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) in place by cos/sin (B|1, T, D); returns (q, k).
 
     Drop-in for HF `apply_rotary_pos_emb(q, k, cos, sin)` (unsqueeze_dim=1). In place: q and k must not
     be leaves that require grad, nor tensors something else has saved for its backward.
+    `duplicated_halves`: the caller guarantees cos[..., :D/2] == cos[..., D/2:] and the same for sin (HF's
+    rotary embeddings build them as cat(freqs, freqs)): only the first halves are read.
     """
     qs, ks, cs = q.shape, k.shape, cos.shape
     if len(qs) != 4 or len(ks) != 4 or len(cs) != 3 or qs[-1] % 2 or ks[-1] != qs[-1] or cs[-1] != qs[-1]:
@@ -145,4 +153,4 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         k = k.contiguous()
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    return RopeFunction.apply(q, k, cos, sin)
+    return RopeFunction.apply(q, k, cos, sin, bool(duplicated_halves))

@@ -100,16 +100,18 @@ def case(kernel: str, s: dict, n: int, L, dev="cuda"):
         inv = 1.0 / (500000.0 ** (torch.arange(0, s["hd"], 2, device=dev).float() / s["hd"]))
         emb = torch.cat([pos[..., None] * inv] * 2, -1)
         cos, sin = emb.cos().to(DT), emb.sin().to(DT)  # (B, T, D), as HF's rotary embedding returns
+        # ours as the patched attention calls it: only the first halves of cos/sin read (they repeat; Liger
+        # relies on the same)
 
         def hf(x):  # HF's (B, H, T, D) view of the projection's (B, T, H, D) output
             return x.transpose(1, 2)
 
-        prov = {"torch": lambda: R.rope_ref(hf(q), hf(k), cos, sin), "ours": lambda: K.rope(hf(q), hf(k), cos, sin)}
+        prov = {"torch": lambda: R.rope_ref(hf(q), hf(k), cos, sin), "ours": lambda: K.rope(hf(q), hf(k), cos, sin, duplicated_halves=True)}
         prov["compile"] = (torch.compile(R.rope_ref, dynamic=False), lambda f: f(hf(q), hf(k), cos, sin))
         if L:
             prov["liger"] = lambda: L.liger_rope(hf(q), hf(k), cos, sin)
         nb = n * (s["hq"] + s["hkv"]) * s["hd"] * e * 2 + 2 * n * s["hd"] * e
-        steps = {"torch": lambda t: R.rope_ref(*t, cos, sin), "ours": lambda t: K.rope(*t, cos, sin),
+        steps = {"torch": lambda t: R.rope_ref(*t, cos, sin), "ours": lambda t: K.rope(*t, cos, sin, duplicated_halves=True),
                  "compile": lambda t: prov["compile"][0](*t, cos, sin)}
         if L:
             steps["liger"] = lambda t: L.liger_rope(*t, cos, sin)

@@ -28,24 +28,38 @@ def _packed_positions(bsz, seq):
     return torch.stack(rows)
 
 
-def _fns(layout):
+def _fns(layout, duplicated=False):
     """q, k are given as (B, T, H, D); the kernel sees HF's (B, H, T, D), strided or contiguous."""
     def to_hf(x):
         return x.clone().transpose(1, 2) if layout == "strided" else x.transpose(1, 2).contiguous()
-    return (lambda q, k, c, s: rope(to_hf(q), to_hf(k), c, s),
+    return (lambda q, k, c, s: rope(to_hf(q), to_hf(k), c, s, duplicated_halves=duplicated),
             lambda q, k, c, s: rope_ref(to_hf(q), to_hf(k), c, s))
 
 
+@pytest.mark.parametrize("duplicated", [False, True], ids=["cos-both-halves", "cos-first-half"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["strided", "contiguous"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rope_matches_reference(shape, layout, dtype, device):
+def test_rope_matches_reference(shape, layout, dtype, duplicated, device):
     bsz, seq, hq, hk, d = shape
     q = torch.randn(bsz, seq, hq, d, device=device)
     k = torch.randn(bsz, seq, hk, d, device=device)
     cos, sin = _cos_sin(_packed_positions(bsz, seq).to(device), d, device)  # (B, T, D)
-    kern, ref = _fns(layout)
+    kern, ref = _fns(layout, duplicated)
     check_against_reference("rope", kern, ref, [q, k, cos, sin], dtype, requires_grad=[True, True, False, False])
+
+
+def test_rope_reads_both_halves_unless_told_they_repeat(device):
+    """cos/sin whose halves differ (valid for HF's formula): matched by default; `duplicated_halves=True`
+    reads the first halves only, so it must differ here (the flag is a promise, not a check)."""
+    q = torch.randn(2, 11, 4, 32, device=device)
+    k = torch.randn(2, 11, 2, 32, device=device)
+    cos, sin = torch.rand(2, 11, 32, device=device), torch.rand(2, 11, 32, device=device)
+    kern, ref = _fns("strided")
+    check_against_reference("rope[distinct halves]", kern, ref, [q, k, cos, sin], torch.float32,
+                            requires_grad=[True, True, False, False])
+    wrong, _ = _fns("strided", duplicated=True)
+    assert not torch.allclose(wrong(q, k, cos, sin)[0], ref(q, k, cos, sin)[0], atol=1e-3)
 
 
 def test_rope_shared_positions_and_llama31_scaling(device):
