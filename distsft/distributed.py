@@ -60,9 +60,19 @@ def build_accelerator(cfg: Config):
     plugin = None
     if cfg.distributed.deepspeed_config:
         plugin = DeepSpeedPlugin(hf_ds_config=cfg.distributed.deepspeed_config)
+    extra = {}
+    if use_deepspeed:
+        # DeepSpeed's precision is the model's (model.dtype). Accelerate writes its own mixed_precision
+        # ("no" unless an accelerate config says otherwise) into the JSON's "auto" bf16/fp16 sections as
+        # it starts, before the model is built; ZeRO-3's zero.Init then casts a bf16 model to fp32, and
+        # ZeRO-1/2 meet a bf16 model with bf16 disabled. Give it the model's precision instead.
+        from distsft.model import resolve_dtype
+
+        dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        extra["mixed_precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     # Gradient accumulation is ours (loss.py): accelerate must not divide the loss by it again.
     accelerator = Accelerator(gradient_accumulation_steps=1, deepspeed_plugin=plugin,
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)], **extra)
     if accelerator.num_processes != launched_world:
         raise RuntimeError(
             f"the launcher started {launched_world} processes but accelerate sees {accelerator.num_processes}: "

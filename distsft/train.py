@@ -296,6 +296,8 @@ def main(cfg: Config) -> TrainOutput:
             "checkpointed_layers": len(recompute_plan.checkpointed), "num_layers": recompute_plan.num_layers}
         tracker.event("recomputation", step, offload=cfg.model.offload_checkpoints, **fields)
     state["tracker_run_id"] = tracker.run_id
+    tracker.event("model", step, dtype=str(compute_dtype).removeprefix("torch."),
+                  distributed=str(accelerator.distributed_type).split(".")[-1].lower())
     if resume_path is not None:
         tracker.event("resumed", step, path=str(resume_path), from_world_size=state["world_size"])
         if state["world_size"] != world:

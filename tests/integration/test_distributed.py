@@ -6,6 +6,7 @@ the single process with no DeepSpeed. Every subprocess has a hard time limit.
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -173,6 +174,18 @@ def test_resume_on_another_world_size_and_stage(runner, full_runs, source, world
     assert bool(changed) == (world != 2 and source != "single" or world != 1 and source == "single")
     # The steps after the resume see the uninterrupted run's samples and losses.
     assert_same_curve(full_runs["single"], resumed, steps=(3, 4))
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_bf16_model_keeps_its_precision_under_deepspeed(runner, mode):
+    """Regression: accelerate wrote its own mixed_precision ("no") into the JSON's "auto" bf16 section as
+    it started, so ZeRO-3's zero.Init built a bf16 model in fp32 and ZeRO-2 refused a bf16 model."""
+    extra = {"model.dtype": "bfloat16", "model.zero_init": "true", "train.max_steps": 2, "checkpoint.save_steps": 0}
+    result = runner.run(f"bf16_{mode}", 1, mode, **extra)
+    models = [r for r in result.records() if r.get("event") == "model"]
+    assert [(r["dtype"], r["distributed"]) for r in models] == [("bfloat16", "deepspeed")]
+    losses = result.series("train/loss")
+    assert set(losses) == {1, 2} and all(math.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.parametrize("source, world, mode", [("zero3_2", 3, "zero2"), ("ddp2", 1, "single")])
