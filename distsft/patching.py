@@ -256,7 +256,8 @@ def _dequantize_4bit(layer, spec: _Spec) -> torch.Tensor:
         import bitsandbytes as bnb
 
         full = bnb.functional.dequantize_4bit(data, state)
-    return full.to(layer.compute_dtype) if layer.compute_dtype is not None else full
+    dtype = layer.compute_dtype
+    return full if dtype is None or full.dtype == dtype else full.to(dtype)
 
 
 KEEP_RECOMPUTED_DEQUANT = False

@@ -8,23 +8,24 @@ Forward:
     A    = cat_i A_i                       (R, d_in), R = sum r_i, cast to the compute dtype
     mid  = x @ A^T                         (N, R)        one GEMM for the whole group (one read of x)
     y_i  = x @ W_i^T + b_i                 (N, d_out_i)  the base GEMM
-    y_i += mid_i @ (s_i B_i)^T             in place: a K=r_i GEMM with beta=1, no (N, d_out) temporary
+    y_i += s_i mid_i @ B_i^T               in place: a K=r_i GEMM with beta=1, alpha=s_i, no (N, d_out) temporary
   or, where the base is not a plain weight (a 4-bit bitsandbytes layer computes y0_i itself):
-    y_i  = y0_i + mid_i @ (s_i B_i)^T
+    y_i  = y0_i + s_i mid_i @ B_i^T
 Backward (g_i = dL/dy_i, N x d_out_i):
-    gmid_i = g_i @ (s_i B_i)               (N, r_i)
+    gmid_i = s_i g_i @ B_i                 (N, r_i)        with one s for the group: s applied in dx's and
+                                                           dA's GEMMs instead
     dB_i   = s_i * g_i^T @ mid_i           (d_out_i, r_i)  fp32 output
     dA     = gmid^T @ x                    (R, d_in)       fp32 output, split per projection
     dx     = gmid @ A + sum_i g_i @ W_i    (N, d_in)       each base GEMM accumulates in place (beta=1)
     dy0_i  = g_i                           (4-bit bases: their own autograd adds g_i @ W_i)
 
-Saved for backward: x (which the caller's graph holds anyway), mid (N x R) and the tiny casted A and s*B.
+Saved for backward: x (which the caller's graph holds anyway), mid (N x R) and the tiny casted A and B.
 What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per projection an fp32 copy of x
 (saved for backward), the update computed and added in fp32, and a cast back: three to five extra passes
 over (N, d_out) and an (N, d_in) fp32 tensor kept alive until backward, times seven projections per layer.
 
-Numerics: the update is computed from bf16-rounded A, s*B and mid with fp32 accumulation and rounded once
-with the base output; peft rounds only the sum. In fp32 both are exact to rounding. `lora_projections_ref`
+Numerics: the update is computed from bf16-rounded A, B and mid with fp32 accumulation (s applied in fp32)
+and rounded once with the base output; peft rounds only the sum. In fp32 both are exact to rounding. `lora_projections_ref`
 is peft's arithmetic, the tests' reference.
 """
 
@@ -50,6 +51,14 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
+def _cat(ts) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scalings, values_unused, keep_dequantized, *tensors):
@@ -58,9 +67,11 @@ class _LoRAProjections(torch.autograd.Function):
         lora_a, lora_b = tensors[3 * n:4 * n], tensors[4 * n:]
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-        a_cat = torch.cat([a.to(dt) for a in lora_a]) if n > 1 else lora_a[0].to(dt)  # (R, d_in)
+        # A cast once for the group, B cast and its scaling applied in the GEMMs' epilogues (alpha): the
+        # fewest small ops per call (this runs three times per layer and step with recomputation)
+        a_cat = _cat(lora_a).to(dt)  # (R, d_in)
         mid = x2 @ a_cat.t()  # (N, R)
-        b_scaled = [(b * s).to(dt) for b, s in zip(lora_b, scalings, strict=True)]  # (d_out_i, r_i)
+        b_c = [b.to(dt) for b in lora_b]  # (d_out_i, r_i)
         outs, off, kept = [], 0, {}
         for i in range(n):
             r = lora_a[i].shape[0]
@@ -74,10 +85,10 @@ class _LoRAProjections(torch.autograd.Function):
                 if keep_dequantized and callable(weights[i]):
                     kept[i] = w
                 del w
-                y.addmm_(mid_i, b_scaled[i].t())
+                y.addmm_(mid_i, b_c[i].t(), alpha=scalings[i])
             else:
                 y0 = base_outs[i]
-                y = torch.addmm(y0.reshape(-1, y0.shape[-1]).to(dt), mid_i, b_scaled[i].t())
+                y = torch.addmm(y0.reshape(-1, y0.shape[-1]).to(dt), mid_i, b_c[i].t(), alpha=scalings[i])
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.scalings = scalings
         ctx.has_weight = [w is not None for w in weights]
@@ -85,33 +96,42 @@ class _LoRAProjections(torch.autograd.Function):
         ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b, strict=True)]
         weights = [kept.get(i, w) for i, w in enumerate(weights)]
         ctx.weight_fns = [w if callable(w) else None for w in weights]
-        ctx.save_for_backward(x, mid, a_cat, *b_scaled, *(w for w in weights if torch.is_tensor(w)))
+        ctx.save_for_backward(x, mid, a_cat, *b_c, *(w for w in weights if torch.is_tensor(w)))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         n = len(ctx.scalings)
         x, mid, a_cat, *rest = ctx.saved_tensors
-        b_scaled, weights = rest[:n], iter(rest[n:])
+        b_c, weights = rest[:n], iter(rest[n:])
+        scalings = ctx.scalings
         x2 = x.reshape(-1, x.shape[-1])
         g2 = [g.reshape(-1, g.shape[-1]) for g in grads]  # (N, d_out_i)
-        gmids = [g @ b for g, b in zip(g2, b_scaled, strict=True)]  # (N, r_i)
+        # gmid_i = s_i g_i @ B_i. One scaling for the whole group (the usual case: one adapter, one rank):
+        # gmid is kept unscaled and s applied where it is consumed (alpha of the dx GEMM, the small dA).
+        s = scalings[0] if all(v == scalings[0] for v in scalings) else None
+        gmids = [g @ b if s is not None else (g @ b).mul_(v) for g, b, v in zip(g2, b_c, scalings, strict=True)]
         gmid = torch.cat(gmids, dim=1) if n > 1 else gmids[0]  # (N, R)
         grad_b, off = [], 0
         for i, r in enumerate(ctx.ranks):
-            grad_b.append(_mm_f32(g2[i].t(), mid[:, off:off + r]).mul_(ctx.scalings[i]))  # (d_out_i, r_i)
+            grad_b.append(_mm_f32(g2[i].t(), mid[:, off:off + r]).mul_(scalings[i]))  # (d_out_i, r_i)
             off += r
         grad_a_cat = _mm_f32(gmid.t(), x2)  # (R, d_in)
+        if s is not None and s != 1.0:
+            grad_a_cat.mul_(s)
         grad_a = list(grad_a_cat.split(ctx.ranks)) if n > 1 else [grad_a_cat]
-        grad_a = [g.to(dt_a) for g, (dt_a, _) in zip(grad_a, ctx.adapter_dtypes, strict=True)]
-        grad_b = [g.to(dt_b) for g, (_, dt_b) in zip(grad_b, ctx.adapter_dtypes, strict=True)]
+        grad_a = [_as(g, dt_a) for g, (dt_a, _) in zip(grad_a, ctx.adapter_dtypes, strict=True)]
+        grad_b = [_as(g, dt_b) for g, (_, dt_b) in zip(grad_b, ctx.adapter_dtypes, strict=True)]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gmid @ a_cat  # (N, d_in)
             for i in range(n):
                 if ctx.has_weight[i]:
                     w = ctx.weight_fns[i]() if ctx.weight_fns[i] is not None else next(weights)
-                    grad_x.addmm_(g2[i], w)  # += g_i @ W_i, in the GEMM's epilogue
+                    # += g_i @ W_i, in the GEMM's epilogue
+                    grad_x = torch.mm(g2[i], w) if grad_x is None else grad_x.addmm_(g2[i], w)
+            alpha = 1.0 if s is None else s
+            grad_x = (torch.mm(gmid, a_cat).mul_(alpha) if grad_x is None
+                      else grad_x.addmm_(gmid, a_cat, alpha=alpha))  # + gmid @ A
             grad_x = grad_x.view_as(x)
         grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
         return (grad_x, None, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)

@@ -24,12 +24,17 @@ def _inputs(shape, d_in, projs, device, bias=False):
     return x, ws, bs, a, b, scalings
 
 
+@pytest.mark.parametrize("one_scaling", [False, True], ids=["scalings-differ", "one-scaling"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_lora_projections_match_reference(case, dtype, bias, device):
+def test_lora_projections_match_reference(case, dtype, bias, one_scaling, device):
+    """Scalings that differ within a group (rank_pattern / alpha_pattern) and one scaling for the group
+    (the usual case, which applies it in the dx and dA GEMMs instead of per projection)."""
     shape, d_in, projs = CASES[case]
     x, ws, bs, a, b, s = _inputs(shape, d_in, projs, device, bias)
+    if one_scaling:
+        s = [1.5] * len(s)
     n = len(projs)
 
     def call(fn):
