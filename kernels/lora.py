@@ -25,8 +25,8 @@ What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per pro
 over (N, d_out) and an (N, d_in) fp32 tensor kept alive until backward, times seven projections per layer.
 
 Numerics: the update is computed from bf16-rounded A, B and mid with fp32 accumulation (s applied in fp32)
-and rounded once with the base output; peft rounds only the sum. In fp32 both are exact to rounding. `lora_projections_ref`
-is peft's arithmetic, the tests' reference.
+and rounded once with the base output; peft rounds only the sum. In fp32 both are exact to rounding.
+`lora_projections_ref` is peft's arithmetic, the tests' reference.
 """
 
 from __future__ import annotations

@@ -42,6 +42,13 @@ PER_STEP = {"q/o 4096x4096": 6, "k/v 1024x4096": 6, "gate/up 14336x4096": 6, "do
 (forward, recompute, backward), down twice (its recompute GEMMs are skipped)."""
 
 
+def _copy_bandwidth(do_bench) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+
+
 def main(argv=None) -> None:
     import bitsandbytes as bnb
     from triton.testing import do_bench
@@ -53,18 +60,16 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_dequant.py needs a CUDA GPU")
     F = bnb.functional
-    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
-    del src, dst
+    bw = _copy_bandwidth(do_bench)
 
     def providers(data, state):
         nested = (state.state2.absmax, state.state2.code, state.state2.blocksize, state.offset)
         return {
             "bitsandbytes": lambda: F.dequantize_4bit(data, state),
             "ours": lambda: K.dequantize_4bit_state(data, state),
-            "torch reference": lambda: K.dequantize_4bit_ref(data, state.absmax, state.code, blocksize=state.blocksize,
-                                                             shape=tuple(state.shape), dtype=state.dtype, nested=nested),
+            "torch reference": lambda: K.dequantize_4bit_ref(
+                data, state.absmax, state.code, blocksize=state.blocksize, shape=tuple(state.shape), dtype=state.dtype,
+                nested=nested),
         }
 
     def graph_ms(f, reps=10):
@@ -125,7 +130,7 @@ def main(argv=None) -> None:
         "- every provider's output checked bitwise equal to bitsandbytes' before timing", "",
         "| weight | provider | device us per call (CUDA graph) | share of copy bandwidth |", "|---|---|---:|---:|",
         *rows, "",
-        f"Host time per call (256 x 256 weight, 2,000 calls, no synchronisation): "
+        "Host time per call (256 x 256 weight, 2,000 calls, no synchronisation): "
         + ", ".join(f"{p} {us:.0f} us" for p, us in host.items()), "",
         f"One 8B QLoRA step with recomputation ({args.layers} layers, {calls} dequantizations): device time "
         + ", ".join(f"{p} {ms:.1f} ms" for p, ms in step.items())

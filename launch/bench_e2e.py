@@ -60,9 +60,9 @@ def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, 
     LoRA on top, our kernels, through the trainer's own `build_model`."""
     import torch
 
+    from distsft import patching
     from distsft.config import KernelsConfig, LoraConfig, ModelConfig
     from distsft.model import build_model
-    from distsft import patching
     from distsft.offload import device_checkpoint, offloaded_checkpoint
 
     patching.KEEP_RECOMPUTED_DEQUANT = keep_dequant
@@ -266,7 +266,8 @@ def main() -> None:
     ap.add_argument("--qlora", action="store_true",
                     help="distsft only: the base quantized to NF4 while drawn (model.load_in_4bit)")
     ap.add_argument("--bnb-dequant", action="store_true",
-                    help="with --qlora: bitsandbytes' dequantization instead of distsft's kernel (kernels.dequantize_4bit)")
+                    help="with --qlora: bitsandbytes' dequantization instead of distsft's kernel "
+                         "(kernels.dequantize_4bit=false)")
     ap.add_argument("--keep-dequant", action="store_true",
                     help="with --qlora --gc: keep the recompute's dequantized weights for the backward")
     ap.add_argument("--offload", action="store_true",

@@ -106,12 +106,14 @@ def case(kernel: str, s: dict, n: int, L, dev="cuda"):
         def hf(x):  # HF's (B, H, T, D) view of the projection's (B, T, H, D) output
             return x.transpose(1, 2)
 
-        prov = {"torch": lambda: R.rope_ref(hf(q), hf(k), cos, sin), "ours": lambda: K.rope(hf(q), hf(k), cos, sin, duplicated_halves=True)}
+        prov = {"torch": lambda: R.rope_ref(hf(q), hf(k), cos, sin),
+                "ours": lambda: K.rope(hf(q), hf(k), cos, sin, duplicated_halves=True)}
         prov["compile"] = (torch.compile(R.rope_ref, dynamic=False), lambda f: f(hf(q), hf(k), cos, sin))
         if L:
             prov["liger"] = lambda: L.liger_rope(hf(q), hf(k), cos, sin)
         nb = n * (s["hq"] + s["hkv"]) * s["hd"] * e * 2 + 2 * n * s["hd"] * e
-        steps = {"torch": lambda t: R.rope_ref(*t, cos, sin), "ours": lambda t: K.rope(*t, cos, sin, duplicated_halves=True),
+        steps = {"torch": lambda t: R.rope_ref(*t, cos, sin),
+                 "ours": lambda t: K.rope(*t, cos, sin, duplicated_halves=True),
                  "compile": lambda t: prov["compile"][0](*t, cos, sin)}
         if L:
             steps["liger"] = lambda t: L.liger_rope(*t, cos, sin)

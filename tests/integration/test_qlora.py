@@ -453,7 +453,6 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours):
     import copy
 
     import distsft_kernels as K
-
     from peft import LoraConfig, get_peft_model
 
     from distsft.config import KernelsConfig

@@ -6,10 +6,9 @@ bitsandbytes 0.50's native CPU dequantization is wrong where a row's length is n
 block size (blocks that straddle rows: errors of ~2 on N(0, 1) weights; its CUDA kernel and its pure
 PyTorch fallback are right), so on CPU those shapes are checked against the reference only."""
 
+import distsft_kernels as K
 import pytest
 import torch
-
-import distsft_kernels as K
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional

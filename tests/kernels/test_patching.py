@@ -85,7 +85,8 @@ def test_patched_model_matches_hf(arch):
     assert_model_close(f"{arch} logits", out.logits, ref.logits)
     assert_model_close(f"{arch} loss", out.loss, ref.loss)
     # every architecture's rotary embedding repeats its halves: the kernel reads only the first ones
-    seen = [m.__dict__.get("_distsft_rope_duplicated") for m in model.modules() if "_distsft_rope_duplicated" in m.__dict__]
+    key = "_distsft_rope_duplicated"
+    seen = [m.__dict__[key] for m in model.modules() if key in m.__dict__]
     assert seen and all(d is True for d in seen), seen
     grads, ref_grads = _lora_grads(model), _lora_grads(hf)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
