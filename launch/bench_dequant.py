@@ -22,31 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-
-try:
-    import distsft_kernels as K
-except ImportError:  # a bare checkout (the GPU machine): load kernels/ under its installed name
-    import importlib.util
-
-    _root = Path(__file__).resolve().parents[1]
-    _spec = importlib.util.spec_from_file_location("distsft_kernels", _root / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(_root / "kernels")])
-    K = importlib.util.module_from_spec(_spec)
-    sys.modules["distsft_kernels"] = K
-    _spec.loader.exec_module(K)
+from bench_kernels import K, copy_bandwidth  # distsft_kernels, installed or from this checkout
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336)}
 PER_STEP = {"q/o 4096x4096": 6, "k/v 1024x4096": 6, "gate/up 14336x4096": 6, "down 4096x14336": 2}
 """Dequantizations per layer and step with recomputation, per shape: q, o, k, v, gate, up three times each
 (forward, recompute, backward), down twice (its recompute GEMMs are skipped)."""
-
-
-def _copy_bandwidth(do_bench) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
 
 
 def main(argv=None) -> None:
@@ -60,7 +42,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_dequant.py needs a CUDA GPU")
     F = bnb.functional
-    bw = _copy_bandwidth(do_bench)
+    bw = copy_bandwidth(lambda f: do_bench(f, return_mode="median"))
 
     def providers(data, state):
         nested = (state.state2.absmax, state.state2.code, state.state2.blocksize, state.offset)
