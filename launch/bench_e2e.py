@@ -55,7 +55,8 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
 
 
-def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, keep_dequant: bool = False):
+def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, keep_dequant: bool = False,
+                attn: str = "sdpa"):
     """distsft's QLoRA path: random weights quantized to NF4 (double quantization) layer by layer while drawn,
     LoRA on top, our kernels, through the trainer's own `build_model`."""
     import torch
@@ -68,7 +69,7 @@ def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, 
     patching.KEEP_RECOMPUTED_DEQUANT = keep_dequant
     wrapper, _ = build_model(
         ModelConfig(init_from_config=str(REPO / "launch" / "shapes" / shape), dtype="bfloat16", load_in_4bit=True,
-                    attn_implementation="sdpa"),
+                    attn_implementation=attn),
         LoraConfig(r=16, alpha=32, target_modules=TARGETS), KernelsConfig(dequantize_4bit=not bnb_dequant),
         torch.device("cuda"), seed=0)
     if gc:
@@ -79,10 +80,29 @@ def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, 
     def loss(ids):
         targets = torch.full_like(ids, -100)
         targets[:, :-1] = ids[:, 1:]
-        s, n = wrapper(input_ids=ids, target_ids=targets)
+        s, n = wrapper(input_ids=ids, target_ids=targets, **_rows_as_documents(ids, attn))
         return s / n
 
     return wrapper, wrapper.config, loss
+
+
+def _rows_as_documents(ids, attn: str) -> dict:
+    """distsft_varlen: each row one document (the same causal attention as SDPA's), its lengths passed as the
+    trainer passes packed ones (on the device, no sync); nothing for the other backends."""
+    if attn != "distsft_varlen":
+        return {}
+    import torch
+
+    from distsft.data import packed_attention_kwargs
+
+    key = (*ids.shape, ids.device)
+    if key not in _ROWS:
+        kw = packed_attention_kwargs(torch.arange(ids.shape[1]).repeat(ids.shape[0], 1), attn, torch.bfloat16)
+        _ROWS[key] = {k: v.to(ids.device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    return _ROWS[key]
+
+
+_ROWS: dict = {}
 
 
 def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool = False, qlora: bool = False,
@@ -93,7 +113,7 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
 
     config = AutoConfig.from_pretrained(REPO / "launch" / "shapes" / shape)
     if qlora:
-        return build_qlora(shape, gc, offload, **qlora_options)
+        return build_qlora(shape, gc, offload, attn=attn, **qlora_options)
     if provider.startswith("liger"):
         import liger_kernel.transformers as lk
 
@@ -132,7 +152,7 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
     def loss(ids):
         targets = torch.full_like(ids, -100)
         targets[:, :-1] = ids[:, 1:]  # the same positions HF's shifted `labels=` loss covers
-        s, n = wrapper(input_ids=ids, target_ids=targets)
+        s, n = wrapper(input_ids=ids, target_ids=targets, **_rows_as_documents(ids, attn))
         return s / n
 
     return wrapper, config, loss
@@ -143,8 +163,9 @@ def worker(args) -> dict:
 
     from distsft.flops import train_flops
 
-    model, config, loss_fn = build(args.worker, args.shape, args.gc, offload=args.offload, qlora=args.qlora,
-                                   bnb_dequant=args.bnb_dequant, keep_dequant=args.keep_dequant)
+    attn = args.attn if args.worker == "distsft" else "sdpa"
+    model, config, loss_fn = build(args.worker, args.shape, args.gc, attn=attn, offload=args.offload,
+                                   qlora=args.qlora, bnb_dequant=args.bnb_dequant, keep_dequant=args.keep_dequant)
     params = [p for p in model.parameters() if p.requires_grad]
     lora = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -244,6 +265,7 @@ def run_one(case: str, provider: str, args) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--gc"] if args.gc else [])
     cmd += ["--offload"] if args.offload else []
     cmd += ["--qlora"] if args.qlora else []
+    cmd += ["--attn", args.attn]
     cmd += ["--bnb-dequant"] if args.bnb_dequant else []
     cmd += ["--keep-dequant"] if args.keep_dequant else []
     cmd += ["--profile"] if args.profile and provider != "real" else []
@@ -265,6 +287,9 @@ def main() -> None:
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing for every provider")
     ap.add_argument("--qlora", action="store_true",
                     help="distsft only: the base quantized to NF4 while drawn (model.load_in_4bit)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "distsft_varlen"],
+                    help="distsft rows: attention backend (distsft_varlen: each row passed as one document, as the "
+                         "trainer passes packed ones)")
     ap.add_argument("--bnb-dequant", action="store_true",
                     help="with --qlora: bitsandbytes' dequantization instead of distsft's kernel "
                          "(kernels.dequantize_4bit=false)")
