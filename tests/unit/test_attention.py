@@ -64,6 +64,23 @@ def test_unpacked_rows_are_plain_causal():
     torch.testing.assert_close(varlen.logits(ids), sdpa.logits(ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [(16,), (9, 7)], ids=["one-document-per-row", "two-documents-per-row"])
+def test_rows_of_one_document_take_plain_causal_attention(monkeypatch, lengths):
+    """Packed rows that each hold one whole document go through SDPA's causal kernel (no lengths, no mask);
+    rows holding several keep the document-aware path. Both match SDPA with the document mask."""
+    varlen, sdpa = _pair()
+    masks = []
+    real = attention._document_causal_mask
+    monkeypatch.setattr(attention, "_document_causal_mask", lambda *a: masks.append(1) or real(*a))
+    batch = _packed_batch(lengths=lengths, rows=3)
+    loss_v, grads_v = _loss_and_grads(varlen, *batch, "distsft_varlen")
+    loss_s, grads_s = _loss_and_grads(sdpa, *batch, "sdpa")
+    torch.testing.assert_close(loss_v, loss_s, rtol=1e-5, atol=1e-6)
+    for k in grads_v:
+        torch.testing.assert_close(grads_v[k], grads_s[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert bool(masks) == (len(lengths) > 1)
+
+
 def test_passes_the_packing_self_check_and_a_leak_is_caught():
     varlen, _ = _pair()
 
