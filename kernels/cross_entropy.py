@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, cast_out
+from ._common import INTERPRETED, Launcher, cast_out
 
 
 @triton.jit
@@ -94,11 +94,14 @@ def _scale_kernel(X, SCALE, n_cols, stride, BLOCK_V: tl.constexpr):
             tl.store(x_row + start + cols, cast_out(x * scale, X.dtype.element_ty), mask=mask)
 
 
+_launch_scale, _launch_ce = Launcher(_scale_kernel), Launcher(_ce_kernel)
+
+
 def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (N, V) *= scale (a 0-dim tensor on x's device), in place; free when scale is 1."""
     if x.shape[0] and x.shape[1]:
         block_v = min(triton.next_power_of_2(x.shape[1]), 65536 if INTERPRETED else 4096)
-        _scale_kernel[(x.shape[0],)](x, scale.reshape(1), x.shape[1], x.stride(0), BLOCK_V=block_v, num_warps=8)
+        _launch_scale((x.shape[0],), x, scale.reshape(1), x.shape[1], x.stride(0), BLOCK_V=block_v, num_warps=8)
     return x
 
 
@@ -110,8 +113,8 @@ def cross_entropy_launch(logits, targets, grad, *, ignore_index, label_smoothing
     if n_rows == 0:
         return loss
     block_v = min(triton.next_power_of_2(n_cols), 65536 if INTERPRETED else 4096)
-    _ce_kernel[(n_rows,)](
-        logits, logits if grad is None else grad, targets, loss, n_cols, logits.stride(0),
+    _launch_ce(
+        (n_rows,), logits, logits if grad is None else grad, targets, loss, n_cols, logits.stride(0),
         logits.stride(0) if grad is None else grad.stride(0), ignore_index, label_smoothing,
         1.0 if softcap is None else float(softcap),
         HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v, num_warps=8,

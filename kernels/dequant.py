@@ -17,6 +17,9 @@ added in place, then the 4-bit kernel), each behind several Python dispatch laye
 dequantizes every base weight in the forward, the recompute and the backward (~640 calls for an 8B
 model), so this kernel does it in one launch with a thin host path. Same roundings as bitsandbytes
 (products and the offset sum rounded separately: fp fusion is off), so its output is bitwise equal.
+
+`out=` writes the weight into the first columns of a wider row-major buffer (row stride > the row length):
+the fused LoRA path dequantizes W into [W | B] and runs the base and the rank-r update as one GEMM.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, cast_out
+from ._common import INTERPRETED, Launcher, cast_out
 
 
 @triton.jit
 def _dequant_4bit_kernel(
-    A, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, OUT, n_bytes, n_out,
+    A, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, OUT, n_bytes, n_out, out_stride,
     NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BLOCK: tl.constexpr,
+    ROW: tl.constexpr,
 ):
+    # ROW > 0: element e goes to OUT[(e // ROW) * out_stride + e % ROW] (a constant divisor: shifts or a
+    # multiply, not a division); ROW == 0: OUT is contiguous
     # BLOCK packed bytes (2 * BLOCK outputs) per program
     b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = b < n_bytes
@@ -50,7 +56,11 @@ def _dequant_4bit_kernel(
     lo = tl.load(CODE + (byte & 15)) * scale
     vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # (hi0, lo0, hi1, lo1, ...): element order
     o = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(OUT + o, cast_out(vals, OUT.dtype.element_ty), mask=o < n_out)
+    dst = o if ROW == 0 else (o // ROW) * out_stride + o % ROW
+    tl.store(OUT + dst, cast_out(vals, OUT.dtype.element_ty), mask=o < n_out)
+
+
+_dequant = Launcher(_dequant_4bit_kernel)  # a QLoRA step makes ~640 of these launches
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,12 +72,15 @@ def _launch(n_bytes: int) -> tuple[tuple[int], int, int]:
 
 
 def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, *, blocksize: int,
-                    shape: tuple[int, ...], dtype: torch.dtype, nested: tuple | None = None) -> torch.Tensor:
+                    shape: tuple[int, ...], dtype: torch.dtype, nested: tuple | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The 4-bit weight `data` (packed, any storage dtype) as a `shape` tensor of `dtype`.
 
     absmax: fp32 per block of `blocksize` outputs, or uint8 with `nested = (absmax2, code2, blocksize2,
     offset)` (bitsandbytes' `quant_state.state2` fields and `quant_state.offset`). code: the 16 fp32
-    values of the 4-bit code book (`quant_state.code`).
+    values of the 4-bit code book (`quant_state.code`). out: where to write it instead of a new tensor,
+    `shape` and `dtype`, contiguous rows (stride 1 along the last dimension) at any row stride (a column
+    slice of a wider buffer).
     """
     n_out = 1
     for s in shape:
@@ -79,71 +92,38 @@ def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     if raw.numel() < n_bytes or blocksize % 2 or blocksize & (blocksize - 1):
         raise ValueError(f"dequantize_4bit: {raw.numel()} packed bytes for {n_out} values, blocksize {blocksize} "
                          f"(needs >= {n_bytes} bytes and an even power-of-two blocksize)")
-    out = torch.empty(shape, dtype=dtype, device=data.device)
+    row, out_stride = 0, 0
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=data.device)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != data.device:
+        raise ValueError(f"dequantize_4bit: out is {tuple(out.shape)} {out.dtype} on {out.device}, the weight "
+                         f"{tuple(shape)} {dtype} on {data.device}")
+    elif not out.is_contiguous():
+        if out.dim() != 2 or out.stride(1) != 1 or out.stride(0) < out.shape[1]:
+            raise ValueError(f"dequantize_4bit: out must have contiguous rows (2-D, last stride 1), got strides "
+                             f"{tuple(out.stride())}")
+        row, out_stride = int(out.shape[1]), int(out.stride(0))
     grid, block, warps = _launch(n_bytes)
     if nested is not None:
         absmax2, code2, blocksize2, offset = nested
         if not torch.is_tensor(offset):
             offset = torch.tensor(float(offset), dtype=torch.float32, device=data.device)
-        args = (raw, absmax, code, absmax2, code2, offset, out, n_bytes, n_out, True, blocksize, int(blocksize2), block)
+        tables, blocksize2 = (absmax2, code2, offset), int(blocksize2)
     else:
-        args = (raw, absmax, code, absmax, code, absmax, out, n_bytes, n_out, False, blocksize, 1, block)
-    _run(grid, warps, args)
+        tables, blocksize2 = (absmax, code, absmax), 1
+    _dequant(grid, raw, absmax, code, *tables, out, n_bytes, n_out, out_stride, NESTED=nested is not None,
+             BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK=block, ROW=row, num_warps=warps,
+             enable_fp_fusion=False)
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Launching. A QLoRA step launches this kernel ~640 times, and Triton's `kernel[grid](...)` spends most of
-# its host time (~40 us a call on the GPU machine's host, which is what the step waits on) re-deriving the
-# specialization of every argument and looking up the compiled kernel. Both depend only on the argument
-# properties Triton specializes on (16-byte alignment of each pointer; each integer's value, which is in
-# the key whole; the constexprs), so the compiled kernel found by the first launch of a key is launched
-# directly afterwards. The direct launch is checked once per process against the regular one (bitwise,
-# with a synchronisation) and abandoned, with a warning, if it differs or fails (a Triton version whose
-# compiled-kernel API differs).
 
-_compiled: dict = {}
-_direct_ok: bool | None = None  # None: not checked yet in this process
-
-
-def _run(grid, warps, args) -> None:
-    global _direct_ok
-    if INTERPRETED or _direct_ok is False:
-        _dequant_4bit_kernel[grid](*args[:9], NESTED=args[9], BLOCKSIZE=args[10], BLOCKSIZE2=args[11],
-                                   BLOCK=args[12], num_warps=warps, enable_fp_fusion=False)
-        return
-    out = args[6]
-    key = (out.device.index, out.dtype, *(t.data_ptr() % 16 == 0 for t in args[:7]), *args[7:])
-    compiled = _compiled.get(key)
-    if compiled is None:
-        _compiled[key] = _dequant_4bit_kernel[grid](*args[:9], NESTED=args[9], BLOCKSIZE=args[10],
-                                                    BLOCKSIZE2=args[11], BLOCK=args[12], num_warps=warps,
-                                                    enable_fp_fusion=False)
-        return
-    try:
-        compiled[(grid[0], 1, 1)](*args)
-        if _direct_ok is None:
-            check = torch.empty_like(out)
-            _dequant_4bit_kernel[grid](*args[:6], check, *args[7:9], NESTED=args[9], BLOCKSIZE=args[10],
-                                       BLOCKSIZE2=args[11], BLOCK=args[12], num_warps=warps, enable_fp_fusion=False)
-            if not torch.equal(check, out):
-                raise RuntimeError("the direct launch's output differs from the regular launch's")
-            _direct_ok = True
-    except Exception as e:  # noqa: BLE001 (any failure: fall back to Triton's own launch path for good)
-        import warnings
-
-        warnings.warn(f"dequantize_4bit: direct kernel launch unavailable with this Triton ({e}); using the "
-                      "regular launch path", RuntimeWarning, stacklevel=3)
-        _direct_ok = False
-        _run(grid, warps, args)
-
-
-def dequantize_4bit_state(data: torch.Tensor, state) -> torch.Tensor:
+def dequantize_4bit_state(data: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
     """`dequantize_4bit` from a bitsandbytes `QuantState` (what `bitsandbytes.functional.dequantize_4bit`
-    takes): the weight in `state.dtype`."""
+    takes): the weight in `state.dtype` (into `out` if given)."""
     nested = None
     if state.nested:
         s2 = state.state2
         nested = (s2.absmax, s2.code, s2.blocksize, state.offset)
     return dequantize_4bit(data, state.absmax, state.code, blocksize=state.blocksize, shape=tuple(state.shape),
-                           dtype=state.dtype, nested=nested)
+                           dtype=state.dtype, nested=nested, out=out)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_out, num_programs, row_block
+from ._common import Launcher, cast_out, num_programs, row_block
 
 
 @triton.jit
@@ -125,6 +125,9 @@ def _bwd_config(n_rows: int, n_cols: int, need_dw: bool, n_sms: int) -> tuple[in
     return triton.cdiv(n_blocks, per_program), per_program, block_n, block_m, warps
 
 
+_launch_fwd, _launch_bwd = Launcher(_rms_norm_fwd_kernel), Launcher(_rms_norm_bwd_kernel)
+
+
 def rms_norm_forward(x, weight, eps: float, offset: float, gemma: bool):
     """Launch the forward. Returns (y with x's shape, x as (rows, d), rstd (rows,) fp32)."""
     x2 = _as_rows(x)
@@ -133,8 +136,8 @@ def rms_norm_forward(x, weight, eps: float, offset: float, gemma: bool):
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: callers may rotate it in place
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     grid, block_n, block_m, warps = _fwd_config(n_rows, n_cols)
-    _rms_norm_fwd_kernel[(grid,)](
-        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), n_cols, eps, offset,
+    _launch_fwd(
+        (grid,), x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), n_cols, eps, offset,
         GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return y, x2, rstd
@@ -147,9 +150,9 @@ def rms_norm_backward(dy, x2, weight, rstd, offset: float, gemma: bool, need_dw:
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     grid, per_program, block_n, block_m, warps = _bwd_config(n_rows, n_cols, need_dw, num_programs(x2.device))
     dw_partial = torch.empty((grid, n_cols), dtype=torch.float32, device=x2.device) if need_dw else dx
-    _rms_norm_bwd_kernel[(grid,)](
-        dy2, x2, weight, rstd, dx, dw_partial, n_rows, n_cols, per_program, dy2.stride(0), x2.stride(0), n_cols,
-        offset, GEMMA=gemma, HAS_DW=need_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    _launch_bwd(
+        (grid,), dy2, x2, weight, rstd, dx, dw_partial, n_rows, n_cols, per_program, dy2.stride(0), x2.stride(0),
+        n_cols, offset, GEMMA=gemma, HAS_DW=need_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     if not need_dw:
         return dx, None
@@ -181,4 +184,6 @@ def rms_norm(
         raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return rms_norm_forward(x, weight, float(eps), float(offset), casting == "gemma")[0]  # no node to record
     return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")

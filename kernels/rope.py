@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, cast_out
+from ._common import INTERPRETED, Launcher, cast_out
 
 
 @triton.jit
@@ -91,19 +91,27 @@ def _launch_config(n_tokens: int, n_qh: int, n_kh: int, head_dim: int, duplicate
     return (triton.cdiv(n_tokens, block_t),), consts
 
 
+_launch = Launcher(_rope_kernel)
+
+
+def _rope_forward(q, k, cos, sin, duplicated: bool) -> tuple:
+    """Rotate q and k in place; returns what the backward's launch reuses (cos/sin are inputs, never
+    modified: no copies kept)."""
+    bsz, n_qh, seq_len, head_dim = q.shape
+    n_kh = k.shape[1]
+    sc = cos.stride()  # (B|1, T, D): the batch stride is 0 when cos/sin are shared over the batch
+    sc_b = sc[0] if cos.shape[0] != 1 else 0
+    grid, consts = _launch_config(bsz * seq_len, n_qh, n_kh, head_dim, duplicated)
+    args = (cos, sin, bsz * seq_len, seq_len, n_qh, n_kh, head_dim // 2)
+    sq, sk = q.stride(), k.stride()
+    _launch(grid, q, k, q, k, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc[1], BACKWARD=False, **consts)
+    return grid, consts, args, sc_b, sc[1]
+
+
 class RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, duplicated):
-        bsz, n_qh, seq_len, head_dim = q.shape
-        n_kh = k.shape[1]
-        sc = cos.stride()  # (B|1, T, D): the batch stride is 0 when cos/sin are shared over the batch
-        sc_b = sc[0] if cos.shape[0] != 1 else 0
-        grid, consts = _launch_config(bsz * seq_len, n_qh, n_kh, head_dim, duplicated)
-        args = (cos, sin, bsz * seq_len, seq_len, n_qh, n_kh, head_dim // 2)
-        sq, sk = q.stride(), k.stride()
-        _rope_kernel[grid](q, k, q, k, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc[1],
-                           BACKWARD=False, **consts)
-        ctx.launch = grid, consts, args, sc_b, sc[1]  # cos/sin are inputs, never modified: no copies kept
+        ctx.launch = _rope_forward(q, k, cos, sin, duplicated)
         # In place without `mark_dirty`: q and k are usually views of the projections' outputs, which
         # autograd cannot mark dirty in a Function with two outputs. Bumping their version counters
         # instead makes any op that saved the unrotated q or k fail loudly at backward.
@@ -116,8 +124,8 @@ class RopeFunction(torch.autograd.Function):
         dq, dq_out = _out_like(dq)
         dk, dk_out = _out_like(dk)
         sq, sk = dq.stride(), dk.stride()
-        _rope_kernel[grid](dq, dk, dq_out, dk_out, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc_t,
-                           BACKWARD=True, **consts)
+        _launch(grid, dq, dk, dq_out, dk_out, *args, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sc_b, sc_t,
+                BACKWARD=True, **consts)
         return dq_out, dk_out, None, None, None
 
 
@@ -153,4 +161,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         k = k.contiguous()
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        _rope_forward(q, k, cos, sin, bool(duplicated_halves))  # no node to record
+        torch.autograd.graph.increment_version((q, k))
+        return q, k
     return RopeFunction.apply(q, k, cos, sin, bool(duplicated_halves))

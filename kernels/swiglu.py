@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, cast_out
+from ._common import INTERPRETED, Launcher, cast_out
 
 
 @triton.jit
@@ -79,11 +79,14 @@ def _launch_cfg(n: int) -> tuple[int, int]:
     return block, triton.cdiv(n, block)
 
 
+_launch_fwd, _launch_bwd = Launcher(_glu_fwd_kernel), Launcher(_glu_bwd_kernel)
+
+
 def glu_forward(gate, up, act: int):
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     block, grid = _launch_cfg(gate.numel())
-    _glu_fwd_kernel[(grid,)](gate, up, y, gate.numel(), ACT=act, BLOCK=block, num_warps=4)
+    _launch_fwd((grid,), gate, up, y, gate.numel(), ACT=act, BLOCK=block, num_warps=4)
     return y, gate, up
 
 
@@ -95,7 +98,7 @@ def glu_backward(dy, gate, up, act: int, inplace: bool):
     else:
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     block, grid = _launch_cfg(gate.numel())
-    _glu_bwd_kernel[(grid,)](dy, gate, up, dgate, dup, gate.numel(), ACT=act, BLOCK=block, num_warps=4)
+    _launch_bwd((grid,), dy, gate, up, dgate, dup, gate.numel(), ACT=act, BLOCK=block, num_warps=4)
     return dgate, dup
 
 
@@ -126,6 +129,8 @@ def gated_activation(
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
     if activation not in _ACTS:
         raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return glu_forward(gate, up, _ACTS[activation])[0]  # no node to record
     return GLUFunction.apply(gate, up, _ACTS[activation], bool(inplace_grads))
 
 

@@ -73,6 +73,29 @@ def test_a_flipped_nibble_moves_exactly_one_value(device):
         assert diff == [element], (byte, mask, diff)
 
 
+@pytest.mark.parametrize("shape,extra", [((123, 70), 6), ((64, 256), 48), ((300, 130), 1)])
+def test_into_the_columns_of_a_wider_buffer(device, shape, extra):
+    """`out=` a column slice of a wider buffer (the fused LoRA's [W | B]): the same values as a fresh
+    tensor, written row by row at the buffer's stride, the other columns untouched."""
+    _, data, state = _quantize(shape, torch.bfloat16, "nf4", True, 64, device)
+    wide = torch.full((shape[0], shape[1] + extra), 7.0, dtype=torch.bfloat16, device=device)
+    got = K.dequantize_4bit_state(data, state, out=wide[:, :shape[1]])
+    assert got.data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[:, :shape[1]], K.dequantize_4bit_state(data, state))
+    assert (wide[:, shape[1]:] == 7).all()
+
+
+def test_bad_out_is_named(device):
+    _, data, state = _quantize((16, 64), torch.bfloat16, "nf4", False, 64, device)
+    wide = torch.empty(16, 80, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match=r"out is \(16, 80\)"):
+        K.dequantize_4bit_state(data, state, out=wide)
+    with pytest.raises(ValueError, match="float32"):
+        K.dequantize_4bit_state(data, state, out=torch.empty(16, 64, device=device))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        K.dequantize_4bit_state(data, state, out=torch.empty(64, 16, dtype=torch.bfloat16, device=device).t())
+
+
 def test_bad_inputs_are_named(device):
     _, data, state = _quantize((16, 64), torch.bfloat16, "nf4", False, 64, device)
     with pytest.raises(ValueError, match="packed bytes"):
@@ -84,10 +107,14 @@ def test_bad_inputs_are_named(device):
 @pytest.mark.gpu
 def test_llama_8b_mlp_weight_on_gpu(cuda):
     """The largest Llama-3.1-8B projection (14336 x 4096) with QLoRA's settings, on the GPU's bitsandbytes."""
-    import distsft_kernels.dequant as D
+    import distsft_kernels._common as C
 
     _, data, state = _quantize((14336, 4096), torch.bfloat16, "nf4", True, 64, cuda)
     expected = F.dequantize_4bit(data, state)
     for _ in range(3):  # the first launch compiles, later ones take the direct launch path (checked once)
         assert torch.equal(K.dequantize_4bit_state(data, state), expected)
-    assert D._direct_ok is True
+    assert C._direct_ok is True
+    wide = torch.zeros(14336, 4096 + 32, dtype=torch.bfloat16, device=cuda)
+    for _ in range(2):  # the row-strided variant: compiled, then launched directly
+        K.dequantize_4bit_state(data, state, out=wide[:, :4096])
+        assert torch.equal(wide[:, :4096], expected) and not wide[:, 4096:].any()

@@ -73,3 +73,19 @@ def test_rms_norm_llama3_8b_shape(dtype, cuda):
     x, w = _inputs((16384, 4096), cuda)
     check_against_reference("rms_norm[8B]", lambda x, w: rms_norm(x, w, 1e-5), lambda x, w: rms_norm_ref(x, w, 1e-5),
                             [x, w], dtype)
+
+
+@pytest.mark.gpu
+def test_launches_after_the_first_call_the_compiled_kernel_directly(cuda):
+    """Later calls with the same specialization skip Triton's launch path (kernels/_common.py `Launcher`)
+    and still compute the reference's values, on fresh inputs each time."""
+    import distsft_kernels._common as C
+    import distsft_kernels.rms_norm as R
+
+    before = len(R._launch_fwd.compiled)
+    for _ in range(3):
+        x = torch.randn(64, 4096, device=cuda, dtype=torch.bfloat16)
+        w = torch.randn(4096, device=cuda, dtype=torch.bfloat16)
+        torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), rtol=0.016, atol=0.016)
+    assert C._direct_ok is True
+    assert len(R._launch_fwd.compiled) <= before + 1
