@@ -241,23 +241,28 @@ def _lora_fusable(m) -> bool:
     return not hasattr(base.weight, "ds_id")
 
 
-def _dequantize_4bit(layer, spec: _Spec) -> torch.Tensor:
-    """A bitsandbytes Linear4bit weight as a (out, in) tensor in its compute dtype."""
+def _dequantize_4bit(layer, spec: _Spec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A bitsandbytes Linear4bit weight as a (out, in) tensor in its compute dtype (written into `out`, a
+    possibly row-strided (out, in) view, when given)."""
     w = layer.weight
     data, state = w.data, w.quant_state
+    dtype = layer.compute_dtype if layer.compute_dtype is not None else state.dtype
     if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout (model.py)
         import bitsandbytes as bnb
 
         data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
         full = bnb.functional.dequantize_4bit(data, state)
     elif spec.dequantize_4bit and _use_triton(spec.backend, data):
+        if out is not None and state.dtype == dtype:
+            return K.dequantize_4bit_state(data, state, out=out)
         full = K.dequantize_4bit_state(data, state)
     else:
         import bitsandbytes as bnb
 
         full = bnb.functional.dequantize_4bit(data, state)
-    dtype = layer.compute_dtype
-    return full if dtype is None or full.dtype == dtype else full.to(dtype)
+    if out is not None:
+        return out.copy_(full)
+    return full if full.dtype == dtype else full.to(dtype)
 
 
 KEEP_RECOMPUTED_DEQUANT = False

@@ -97,11 +97,11 @@ def test_callable_weights(keep, device):
     x, ws, _, a, b, s = _inputs((5,), 48, [(40, 4), (24, 4)], device)
     results, calls = [], []
 
-    def dequantize(w):
+    def dequantize(w, out=None):
         calls.append(w.shape)
-        return w.clone()
+        return w.clone() if out is None else out.copy_(w)
 
-    for fns in (ws, [lambda w=w: dequantize(w) for w in ws]):
+    for fns in (ws, [lambda out=None, w=w: dequantize(w, out) for w in ws]):
         xi = x.clone().requires_grad_()
         ai = [t.clone().requires_grad_() for t in a]
         outs = lora_projections(xi, ai, b, s, weights=fns, keep_dequantized=keep)
@@ -111,6 +111,57 @@ def test_callable_weights(keep, device):
     for t, u in zip([*outs, *grads], [*outs_c, *grads_c], strict=True):
         torch.testing.assert_close(u, t, rtol=0, atol=0)
     assert len(calls) == (2 if keep else 4)
+
+
+# groups whose outputs are wider than their input (gate/up, GQA q/k/v): with weights dequantized on demand
+# the base and the update run as one GEMM over [x | s mid] and [W_i | B_pad_i]
+CONCAT_CASES = [
+    ((3, 5), 48, [(64, 4), (64, 4)]),
+    ((2, 9), 32, [(32, 4), (16, 4), (16, 4)]),
+    ((11,), 40, [(56, 8)]),
+]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CONCAT_CASES)))
+def test_concatenated_k_path_matches_reference(case, dtype, bias, device):
+    shape, d_in, projs = CONCAT_CASES[case]
+    x, ws, bs, a, b, _ = _inputs(shape, d_in, projs, device, bias)
+    n, into = len(projs), []
+
+    def dequantizer(w):
+        def fn(out=None):
+            into.append(out is not None)
+            return w.clone() if out is None else out.copy_(w)
+        return fn
+
+    def call(fn, callables):
+        def run(x, *t):
+            ws_, bs_, a_, b_ = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:]
+            weights = [dequantizer(w) for w in ws_] if callables else list(ws_)
+            return fn(x, list(a_), list(b_), [1.5] * n, weights=weights, biases=list(bs_) if bias else None)
+        return run
+
+    inputs = [x, *ws, *(bs if bias else [None] * n), *a, *b]
+    frozen = [True] + [False] * (2 * n) + [True] * (2 * n)
+    check_against_reference("lora [x | mid]", call(lora_projections, True), call(lora_projections_ref, False),
+                            inputs, dtype, requires_grad=frozen)
+    assert into and into[0], "the forward did not dequantize into the concatenated buffer"
+
+
+def test_concatenated_k_path_only_where_it_pays(device):
+    """Narrow groups (o, down: outputs no wider than the input), differing scalings and the recompute's
+    skipped outputs keep the per-projection GEMMs; weights that are tensors always do."""
+    x, ws, _, a, b, _ = _inputs((4,), 64, [(64, 4), (32, 4)], device)
+    for projs, scalings, unused in (([0], [2.0], False), ([0, 1], [2.0, 0.5], False), ([0, 1], [2.0, 2.0], True)):
+        into = []
+        fns = [lambda out=None, w=ws[i], into=into: into.append(out is not None) or (w.clone() if out is None
+                                                                                      else out.copy_(w))
+               for i in projs]
+        lora_projections(x, [a[i] for i in projs], [b[i] for i in projs], scalings, weights=fns,
+                         values_unused=unused)
+        assert not any(into), (projs, scalings, unused)
 
 
 def test_errors(device):
