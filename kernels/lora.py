@@ -12,8 +12,9 @@ Forward:
   or, where W_i is dequantized on demand (4-bit) and the group's outputs are wider than x (q/k/v, gate/up):
     y_i  = [x | s mid] @ [W_i | B_pad_i]^T one GEMM with K = d_in + R: W_i dequantized into the first d_in
                                            columns, B_i in its own r_i of the last R (zeros elsewhere), so
-                                           the K=r_i GEMM's read and write of every output are gone (~8% of
-                                           a gate/up projection's time on an H100) for one copy of x
+                                           the K=r_i GEMM's read and write of every output are gone for one
+                                           copy of x (an 8B gate/up projection at 4,096 tokens on an H100:
+                                           608 + 128 us as two GEMMs, 627 + 27/2 us this way)
   or, where the base is not a plain weight (a 4-bit bitsandbytes layer computes y0_i itself):
     y_i  = y0_i + s_i mid_i @ B_i^T
 Backward (g_i = dL/dy_i, N x d_out_i):
@@ -30,7 +31,9 @@ What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per pro
 over (N, d_out) and an (N, d_in) fp32 tensor kept alive until backward, times seven projections per layer.
 
 Numerics: the update is computed from bf16-rounded A, B and mid with fp32 accumulation (s applied in fp32)
-and rounded once with the base output; peft rounds only the sum. In fp32 both are exact to rounding.
+and added to the rounded base output (one rounding each); in the [x | s mid] path base and update share
+one fp32 accumulator and one rounding, with s mid rounded to bf16 first (exact when s is a power of two,
+as for alpha = 2r). peft rounds only the sum. In fp32 both are exact to rounding.
 `lora_projections_ref` is peft's arithmetic, the tests' reference.
 """
 
