@@ -71,7 +71,7 @@ def row_block(n_cols: int, max_elems: int = 8192) -> tuple[int, int, int]:
 # Launching. `kernel[grid](*args, **meta)` re-derives, on every call, how each argument specializes the
 # kernel (16-byte alignment of each pointer, each integer's value class, the constexprs) and looks the
 # compiled kernel up: ~20-50 us of host time per launch on the GPU machine, where a LoRA step with
-# recomputation makes ~1,000 such launches and its host time is what the GPU waits on. `launch` keys the
+# recomputation makes ~1,000 such launches and its host time is what the GPU waits on. `Launcher` keys the
 # compiled kernel on those same properties (each integer's whole value, a superset of what Triton
 # distinguishes), lets Triton's own launch compile it the first time a key is seen, and afterwards calls
 # the compiled kernel directly. The direct call is checked once per process on a probe kernel (pointer,
