@@ -468,7 +468,7 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours):
     calls = []
     if K.HAS_TRITON:
         real = K.dequantize_4bit_state
-        monkeypatch.setattr(K, "dequantize_4bit_state", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(K, "dequantize_4bit_state", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     results = []
     for m in (model, peft_ref):
