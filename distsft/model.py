@@ -401,6 +401,11 @@ def reference_loss(hidden, weight, targets, *, bias=None, softcap=None):
     return loss_sum, targets.ne(IGNORE_INDEX).sum()
 
 
+def target_indices(target_ids: torch.Tensor) -> torch.Tensor:
+    """The flat (B*T) positions that have a target (label != IGNORE_INDEX), int64, on target_ids' device."""
+    return target_ids.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+
+
 class CausalLMWithLoss(nn.Module):
     """peft model + the loss. forward(batch) -> (summed token loss fp32, number of target tokens)."""
 
@@ -435,15 +440,23 @@ class CausalLMWithLoss(nn.Module):
                       use_cache=False, **attn_kwargs)
         return out.last_hidden_state  # (B, T, d)
 
-    def forward(self, input_ids, target_ids, position_ids=None, attention_mask=None, **attn_kwargs):
+    def forward(self, input_ids, target_ids, position_ids=None, attention_mask=None, target_index=None,
+                **attn_kwargs):
+        """`target_index`: `target_index(target_ids)`, computed where the batch is still on the host
+        (`distsft.train.to_device` does): without it, selecting the rows with a target waits for the GPU
+        to finish the whole forward (a boolean index's size is only known there), and so does its backward."""
+        if target_index is not None and target_index.device != target_ids.device:
+            raise ValueError(f"target_index is on {target_index.device}, target_ids on {target_ids.device}")
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, **attn_kwargs)
         hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
         targets = target_ids.reshape(-1)  # (B*T,)
         # Only positions with a target reach the LM head: masked prompt and padding tokens would cost
         # a (tokens, vocab) matmul for nothing. The sum over the kept rows is unchanged.
-        keep = targets.ne(IGNORE_INDEX)
+        if target_index is None:
+            target_index = target_indices(targets)
         head = self.lm_head()
-        return self.loss_fn(hidden[keep], head.weight, targets[keep], bias=head.bias, softcap=self.softcap)
+        return self.loss_fn(hidden.index_select(0, target_index), head.weight, targets.index_select(0, target_index),
+                            bias=head.bias, softcap=self.softcap)
 
     @torch.no_grad()
     def logits(self, input_ids, position_ids=None, attention_mask=None, **attn_kwargs) -> torch.Tensor:

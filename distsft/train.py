@@ -72,7 +72,7 @@ from distsft.distributed import (
 )
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.loss import backward_scale, count_targets
-from distsft.model import build_model, load_tokenizer, merged_model, trainable_parameter_count
+from distsft.model import build_model, load_tokenizer, merged_model, target_indices, trainable_parameter_count
 from distsft.offload import device_checkpoint, offloaded_checkpoint
 from distsft.optim import build_optimizer, build_scheduler
 from distsft.plots import plot_run
@@ -92,9 +92,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool, attn_impl: str,
               dtype: torch.dtype) -> dict:
-    extra = {}
+    extra = {"target_index": target_indices(batch["target_ids"])}  # from host labels: no sync in the loss
     if packed and attn_impl in VARLEN_IMPLEMENTATIONS:  # document lengths, from host positions: no sync
-        extra = packed_attention_kwargs(batch["position_ids"], attn_impl, dtype)
+        extra.update(packed_attention_kwargs(batch["position_ids"], attn_impl, dtype))
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in {**batch, **extra}.items()}
     if packed and attn_impl not in VARLEN_IMPLEMENTATIONS:  # several documents per row: attention stays in each
         out.update(packed_attention_kwargs(out["position_ids"], attn_impl, dtype))

@@ -78,12 +78,22 @@ def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, 
             layer._gradient_checkpointing_func = offloaded_checkpoint if offload else device_checkpoint
 
     def loss(ids):
-        targets = torch.full_like(ids, -100)
-        targets[:, :-1] = ids[:, 1:]
-        s, n = wrapper(input_ids=ids, target_ids=targets, **_rows_as_documents(ids, attn))
+        s, n = wrapper(**_next_token_targets(ids), **_rows_as_documents(ids, attn))
         return s / n
 
     return wrapper, wrapper.config, loss
+
+
+def _next_token_targets(ids) -> dict:
+    """distsft's batch for next-token loss on `ids`: the same positions HF's shifted `labels=` loss covers, and
+    which flat positions have a target, as the trainer passes it (from host labels there; known here
+    without a sync)."""
+    import torch
+
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    index = torch.arange(ids.numel(), device=ids.device).view(ids.shape)[:, :-1].reshape(-1)
+    return {"input_ids": ids, "target_ids": targets, "target_index": index}
 
 
 def _rows_as_documents(ids, attn: str) -> dict:
@@ -150,9 +160,7 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
     wrapper = CausalLMWithLoss(peft_model, select_loss_fn(kcfg))
 
     def loss(ids):
-        targets = torch.full_like(ids, -100)
-        targets[:, :-1] = ids[:, 1:]  # the same positions HF's shifted `labels=` loss covers
-        s, n = wrapper(input_ids=ids, target_ids=targets, **_rows_as_documents(ids, attn))
+        s, n = wrapper(**_next_token_targets(ids), **_rows_as_documents(ids, attn))
         return s / n
 
     return wrapper, config, loss
@@ -227,6 +235,7 @@ def real_data_worker(args) -> dict:
     from distsft.config import DataConfig, DataSourceConfig
     from distsft.data import build_datasets as build_data
     from distsft.data import collate, packed_attention_kwargs
+    from distsft.model import target_indices
 
     model, config, _ = build("distsft", args.shape, args.gc, attn=args.real_attn, offload=args.offload)
     tok = AutoTokenizer.from_pretrained(REPO / "distsft" / "assets" / "tiny-llama")
@@ -238,6 +247,7 @@ def real_data_worker(args) -> dict:
     for i in range(args.warmup + args.steps):
         samples = [data[(i * args.batch + j) % len(data)] for j in range(args.batch)]
         mb = collate(samples, pad_token_id=tok.pad_token_id)
+        mb["target_index"] = target_indices(mb["target_ids"])  # on the host, as the trainer does
         if args.real_attn == "distsft_varlen":  # document lengths from host positions, as the trainer does
             mb.update(packed_attention_kwargs(mb["position_ids"], args.real_attn, torch.bfloat16))
         mb = {k: v.cuda() if torch.is_tensor(v) else v for k, v in mb.items()}

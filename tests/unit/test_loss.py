@@ -100,3 +100,27 @@ def test_first_step_loss_and_grads_equal_hf_peft_labels_loss(tiny_model_dir):
     torch.testing.assert_close(ours, hf, rtol=1e-6, atol=1e-6)
     for name, grad in lora_grads(model).items():
         torch.testing.assert_close(grad, hf_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_host_target_index_gives_the_same_loss_and_gradients(tiny_model_dir):
+    """train.to_device passes `target_index` computed from the host labels (no sync in the loss): the loss,
+    the count and every gradient equal those of the in-model selection; an index on another device is refused."""
+    from distsft.model import target_indices
+    from distsft.train import to_device
+
+    model = tiny_lora_model(tiny_model_dir)
+    batch = make_batch([11, 7, 14], model.causal_lm.config.vocab_size, seed=5)
+    moved = to_device(batch, torch.device("cpu"), packed=False, attn_impl="eager", dtype=torch.float32)
+    assert torch.equal(moved["target_index"], batch["target_ids"].reshape(-1).ne(-100).nonzero().squeeze(1))
+    s, n = model(**moved)
+    s.backward()
+    with_index = lora_grads(model)
+    model.zero_grad()
+    s_ref, n_ref = model(**batch)
+    s_ref.backward()
+    assert int(n) == int(n_ref) == int(batch["target_ids"].ne(-100).sum())
+    assert torch.equal(s, s_ref)
+    for name, g in lora_grads(model).items():
+        assert torch.equal(with_index[name], g), name
+    with pytest.raises(ValueError, match="target_index is on meta"):
+        model(**batch, target_index=target_indices(batch["target_ids"]).to("meta"))
