@@ -74,9 +74,12 @@ def row_block(n_cols: int, max_elems: int = 8192) -> tuple[int, int, int]:
 # recomputation makes ~1,000 such launches and its host time is what the GPU waits on. `Launcher` keys the
 # compiled kernel on those same properties (each integer's whole value, a superset of what Triton
 # distinguishes), lets Triton's own launch compile it the first time a key is seen, and afterwards calls
-# the compiled kernel directly. The direct call is checked once per process on a probe kernel (pointer,
-# integer, float and constexpr arguments; a wrong argument order or a stale value would show) and given
-# up, with a warning, if it fails or differs: then every launch takes Triton's path.
+# the compiled kernel directly: through the compiled kernel's C launcher where this Triton's objects have
+# the expected shape (Triton 3.x's `CompiledKernel.run.launch`, no scratch memory, no launch hooks set
+# when the kernel was first seen), else through `compiled[grid](...)`. Each direct call is checked once per
+# process on a probe kernel (pointer, integer, float and constexpr arguments; a wrong argument order or a
+# stale value would show) and given up, with a warning, if it fails or differs: then every launch takes
+# Triton's path.
 
 
 @triton.jit
@@ -86,14 +89,59 @@ def _launch_probe_kernel(X, n, f, C: tl.constexpr, BLOCK: tl.constexpr):
 
 
 _direct_ok: bool | None = None  # None: not checked yet in this process
+_Tensor = torch.Tensor
+_get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _arg_key(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, _Tensor):
+        return a.dtype, not a.data_ptr() & 15
     if isinstance(a, (bool, int)):
         return type(a), a
     return type(a)  # floats are not specialized on; None and anything else by type
+
+
+def _c_launcher(compiled, tail: tuple):
+    """`fn(grid, args, device)` launching `compiled` through its C launcher: the last step of
+    `compiled[grid](...)` without its three Python frames, and with no launch hooks passed while none is
+    registered (Triton 3.6 passes its two empty hook chains, which the C launcher then calls on every launch).
+    A launch made while a hook is registered (Triton's profiler) goes through `compiled[grid](...)`. None
+    where this Triton's objects differ from what this expects or the call needs more than the plain
+    launch (scratch memory)."""
+    try:
+        from triton import knobs
+
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+        # a hook chain (Triton >= 3.4): its list of hooks, checked at each launch; a plain hook: not handled
+        chains = tuple(h.calls for h in hooks if h is not None)
+        if _get_stream is None or not all(isinstance(c, list) for c in chains):
+            return None
+        compiled._init_handles()
+        run = compiled.run
+        launch, function, packed = run.launch, compiled.function, compiled.packed_metadata
+        if run.global_scratch_size or run.profile_scratch_size or not callable(launch):
+            return None
+        coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    except (AttributeError, ImportError):
+        return None
+    hooked = _runner_launcher(compiled, tail)
+
+    def fn(grid, args, device):
+        if any(chains):
+            hooked(grid, args, device)
+            return
+        launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _get_stream(device),
+               function, coop, pdl, None, None, packed, None, None, None, *args, *tail)
+
+    return fn
+
+
+def _runner_launcher(compiled, tail: tuple):
+    def fn(grid, args, device):
+        compiled[(*grid, 1, 1)[:3]](*args, *tail)
+
+    return fn
 
 
 class Launcher:
@@ -107,41 +155,51 @@ class Launcher:
         self.compiled: dict = {}
 
     def __call__(self, grid, *args, **meta):
-        global _direct_ok
-        if INTERPRETED or _direct_ok is False:
+        if INTERPRETED or not (_direct_ok or _direct_ok is None and _check_direct()):
             self.kernel[grid](*args, **meta)
             return
-        key = (torch.cuda.current_device(), tuple(_arg_key(a) for a in args), tuple(meta.items()))
-        hit = self.compiled.get(key)
-        if hit is None:
+        device = _get_device()
+        key = (device, tuple([_arg_key(a) for a in args]), tuple(meta.items()))
+        launch = self.compiled.get(key)
+        if launch is None:
             compiled = self.kernel[grid](*args, **meta)
-            self.compiled[key] = compiled, tuple(meta[n] for n in self.names[len(args):])
+            tail = tuple(meta[n] for n in self.names[len(args):])
+            self.compiled[key] = (_c_ok and _c_launcher(compiled, tail)) or _runner_launcher(compiled, tail)
             return
-        if _direct_ok is None:
-            _check_direct()
-            if not _direct_ok:
-                self.kernel[grid](*args, **meta)
-                return
-        compiled, tail = hit
-        compiled[(*grid, 1, 1)[:3]](*args, *tail)
+        launch(grid, args, device)
 
 
-_probe = Launcher(_launch_probe_kernel)
+_c_ok = True  # the C-launcher path passed the probe (or is not checked yet)
 
 
-def _check_direct() -> None:
-    global _direct_ok
-    _direct_ok = True  # for the probe's own launches
+def _check_direct() -> bool:
+    """Check both direct paths once on the probe kernel; returns whether direct launches are on."""
+    global _direct_ok, _c_ok
+    import warnings
+
     try:
-        x = torch.zeros(2, 16, dtype=torch.float32, device="cuda")
-        for row, f in enumerate((0.5, 2.25)):  # the second call is direct: its float must reach the kernel
-            _probe((1,), x[row], 3, f, C=7, BLOCK=16)
+        x = torch.zeros(3, 16, dtype=torch.float32, device="cuda")
         expected = torch.arange(16, device="cuda", dtype=torch.float32) * 3 + 7
-        if not torch.equal(x, torch.stack([expected + 0.5, expected + 2.25])):
-            raise RuntimeError(f"a direct launch wrote {x.tolist()}")
+        compiled = _launch_probe_kernel[(1,)](x[0], 3, 0.5, C=7, BLOCK=16)
+        device = _get_device()
+        for row, (build, f) in enumerate(((_c_launcher, 2.25), (_runner_launcher, -1.5)), start=1):
+            launch = build(compiled, (7, 16))
+            if launch is None:  # this Triton's objects are not what the C path expects: runner only
+                _c_ok = False
+                continue
+            try:
+                launch((1,), (x[row], 3, f), device)
+                if not torch.equal(x[row], expected + f):
+                    raise RuntimeError(f"a direct launch wrote {x[row].tolist()}")
+            except Exception as e:  # noqa: BLE001
+                if build is _runner_launcher:
+                    raise
+                _c_ok = False
+                warnings.warn(f"Triton's C launcher cannot be called directly ({e}); launching through the "
+                              "compiled kernel instead", RuntimeWarning, stacklevel=3)
+        _direct_ok = True
     except Exception as e:  # noqa: BLE001 (any failure: Triton's own launch path from now on)
-        import warnings
-
         warnings.warn(f"direct kernel launches unavailable with this Triton ({e}); using its regular launch path",
                       RuntimeWarning, stacklevel=3)
         _direct_ok = False
+    return _direct_ok

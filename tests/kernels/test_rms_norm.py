@@ -100,3 +100,34 @@ def test_launches_after_the_first_call_the_compiled_kernel_directly(cuda, monkey
         torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), rtol=0.016, atol=0.016)
     assert C._direct_ok is True
     assert len(regular) == 1, f"{len(regular)} of 3 launches took Triton's path"
+    assert C._c_ok is True, "the compiled kernels' C launcher is not called directly with this Triton"
+
+
+@pytest.mark.gpu
+def test_direct_launches_still_call_a_registered_launch_hook(cuda, monkeypatch):
+    """A Triton launch hook (its profiler's) registered after a kernel's first launch still sees every
+    later launch: the direct C-launcher path hands those to the compiled kernel's own runner."""
+    import importlib
+
+    knobs = pytest.importorskip("triton.knobs")
+    C = importlib.import_module("distsft_kernels._common")
+    R = importlib.import_module("distsft_kernels.rms_norm")
+    if not hasattr(knobs.runtime.launch_enter_hook, "add"):
+        pytest.skip("this Triton's launch hooks are not hook chains")
+    monkeypatch.setattr(R, "_launch_fwd", C.Launcher(R._rms_norm_fwd_kernel))
+    x = torch.randn(64, 4096, device=cuda, dtype=torch.bfloat16)
+    w = torch.randn(4096, device=cuda, dtype=torch.bfloat16)
+    rms_norm(x, w, 1e-5)  # the first launch: compiled, the direct path recorded
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata.get()["name"] if hasattr(metadata, "get") else metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        y = rms_norm(x, w, 1e-5)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    rms_norm(x, w, 1e-5)
+    assert len(seen) == 1 and "rms_norm" in str(seen[0]), seen
+    torch.testing.assert_close(y, rms_norm_ref(x, w, 1e-5), rtol=0.016, atol=0.016)
