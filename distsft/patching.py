@@ -129,7 +129,8 @@ def _rms_norm_forward(self, hidden_states):
     return rms_norm_ref(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
 
 
-def _mlp_forward(self, x):
+def _mlp_forward(self, x, residual=None):
+    """HF's gated MLP; with `residual` (from `_decoder_forward`), residual + mlp(x)."""
     spec = getattr(self, _TAG)
     gate, up = _projections(x, (self.gate_proj, self.up_proj))  # HF's order (matters for LoRA dropout's RNG)
     if _use_triton(spec.backend, gate):
@@ -140,13 +141,47 @@ def _mlp_forward(self, x):
     if spec.arch is not None and spec.arch.mlp_to_residual and recomputing() and _lora_fusable(self.down_proj):
         # A checkpointed layer's recompute: this output only feeds the residual sum leaving the layer,
         # whose value backward never reads; skip its GEMMs (distsft/offload.py).
-        return _fused_lora(h, (self.down_proj,), values_unused=True)[0]
-    return self.down_proj(h)
+        # (the residual still goes in: its gradient is this output's)
+        return _fused_lora(h, (self.down_proj,), values_unused=True,
+                           residuals=None if residual is None else (residual,))[0]
+    return _to_residual(self.down_proj, h, residual)
+
+
+def _to_residual(proj, x, residual):
+    """proj(x) + residual: the residual read by the fused projection's GEMM where the projection is fused."""
+    if residual is None:
+        return proj(x)
+    if _lora_fusable(proj):
+        return _fused_lora(x, (proj,), residuals=(residual,))[0]
+    return residual + proj(x)
+
+
+def _decoder_forward(self, *args, **kwargs):
+    """HF's pre-norm decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma: `h = x + attn(norm(x));
+    out = h + mlp(norm(h))`) with each residual sum done by the o or down projection's GEMM (its epilogue
+    reads the residual): two fewer passes over the hidden states per layer and forward.
+
+    Gradient checkpointing: transformers < 5.2x checkpoints in the layer's `__call__` (which calls this);
+    later versions wrap the class's `forward` (`GradientCheckpointingLayer.__init_subclass__`), which this
+    replaces on the instance, so the same checkpoint is applied here (and the cache dropped, as HF does)."""
+    if self.gradient_checkpointing and self.training and hasattr(type(self).forward, "__wrapped__"):
+        kwargs.update(use_cache=False, past_key_values=None)
+        return self._gradient_checkpointing_func(functools.partial(_decoder_body, self, **kwargs), *args)
+    return _decoder_body(self, *args, **kwargs)
+
+
+def _decoder_body(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                  use_cache=False, position_embeddings=None, **kwargs):
+    h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                          position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                          position_embeddings=position_embeddings, residual=hidden_states, **kwargs)
+    return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                       past_key_values=None, **kwargs):
-    """HF's Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2 attention forward with the rotation swapped."""
+                       past_key_values=None, residual=None, **kwargs):
+    """HF's Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2 attention forward with the rotation swapped; with
+    `residual` (from `_decoder_forward`), its output is residual + attention."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     spec = getattr(self, _TAG)
@@ -191,7 +226,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         scaling=self.scaling, **extra, **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(attn_output), attn_weights
+    return _to_residual(self.o_proj, attn_output, residual), attn_weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,7 +305,7 @@ KEEP_RECOMPUTED_DEQUANT = False
 follows instead of dequantizing it again (~0.3 GB more at the peak for an 8B layer; off by default)."""
 
 
-def _fused_lora(x, modules, values_unused: bool = False):
+def _fused_lora(x, modules, values_unused: bool = False, residuals=None):
     key = modules[0].active_adapters[0]
     weights, biases, base_outs = [], [], []
     for m in modules:
@@ -287,7 +322,7 @@ def _fused_lora(x, modules, values_unused: bool = False):
             base_outs.append(None)
     return K.lora_projections(
         x, [m.lora_A[key].weight for m in modules], [m.lora_B[key].weight for m in modules],
-        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs,
+        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs, residuals=residuals,
         values_unused=values_unused, keep_dequantized=KEEP_RECOMPUTED_DEQUANT and recomputing())
 
 
@@ -419,6 +454,13 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
                     continue
                 _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act, arch=arch), undo)
                 seen["swiglu"].add(_logical_name(name))
+        if arch.mlp_to_residual and lora_layers:
+            # the residual sums into the fused o and down projections: where both of a decoder layer's
+            # attention and MLP forwards are ours (they then take `residual=`)
+            for m in hf.modules():
+                if (_is(m, "DecoderLayer", "input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+                        and _TAG in m.self_attn.__dict__ and _TAG in m.mlp.__dict__):
+                    _bind(m, _decoder_forward, _Spec(cfg.backend, arch=arch), undo)
         report.counts = {k: len(v) for k, v in seen.items()}
         if report.counts != report.expected:
             raise RuntimeError(f"kernels: patched {report.counts} modules in this {model_type} model, "

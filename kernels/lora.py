@@ -17,6 +17,8 @@ Forward:
                                            608 + 128 us as two GEMMs, 627 + 27/2 us this way)
   or, where the base is not a plain weight (a 4-bit bitsandbytes layer computes y0_i itself):
     y_i  = y0_i + s_i mid_i @ B_i^T
+  and with a residual r_i given (the o and down projections of a pre-norm decoder layer), y_i + r_i: the
+  base GEMM reads r_i in its epilogue (beta=1) instead of a separate add reading and writing the sum.
 Backward (g_i = dL/dy_i, N x d_out_i):
     gmid_i = s_i g_i @ B_i                 (N, r_i)        with one s for the group: s applied in dx's and
                                                            dA's GEMMs instead
@@ -24,6 +26,7 @@ Backward (g_i = dL/dy_i, N x d_out_i):
     dA     = gmid^T @ x                    (R, d_in)       fp32 output, split per projection
     dx     = gmid @ A + sum_i g_i @ W_i    (N, d_in)       each base GEMM accumulates in place (beta=1)
     dy0_i  = g_i                           (4-bit bases: their own autograd adds g_i @ W_i)
+    dr_i   = g_i
 
 Saved for backward: x (which the caller's graph holds anyway), mid (N x R) and the tiny casted A and B.
 What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per projection an fp32 copy of x
@@ -67,7 +70,7 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base_outs, lora_a, lora_b):
+def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base_outs, residuals, lora_a, lora_b):
     """The outputs (..., d_out_i) and what the backward reads: (outs, mid, a_cat, b_c, kept weights)."""
     dt = x.dtype
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
@@ -76,10 +79,11 @@ def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base
     a_cat = _cat(lora_a).to(dt)  # (R, d_in)
     mid = x2 @ a_cat.t()  # (N, R)
     if _concat_k(weights, scalings, [b.shape[0] for b in lora_b], x2.shape[1], values_unused):
-        outs, b_c, kept = _forward_concat_k(x2, mid, weights, biases, lora_b, scalings[0], keep_dequantized)
+        outs, b_c, kept = _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, scalings[0],
+                                            keep_dequantized)
     else:
-        outs, b_c, kept = _forward_each(x2, mid, weights, biases, base_outs, lora_b, scalings, values_unused,
-                                        keep_dequantized)
+        outs, b_c, kept = _forward_each(x2, mid, weights, biases, base_outs, residuals, lora_b, scalings,
+                                        values_unused, keep_dequantized)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs], mid, a_cat, b_c, kept
 
 
@@ -88,9 +92,10 @@ class _LoRAProjections(torch.autograd.Function):
     def forward(ctx, x, scalings, values_unused, keep_dequantized, *tensors):
         n = len(scalings)
         weights, biases, base_outs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
-        lora_a, lora_b = tensors[3 * n:4 * n], tensors[4 * n:]
+        residuals, lora_a, lora_b = tensors[3 * n:4 * n], tensors[4 * n:5 * n], tensors[5 * n:]
         outs, mid, a_cat, b_c, kept = _forward(x, scalings, values_unused, keep_dequantized, weights, biases,
-                                               base_outs, lora_a, lora_b)
+                                               base_outs, residuals, lora_a, lora_b)
+        ctx.has_residual = [r is not None for r in residuals]
         ctx.scalings = scalings
         ctx.has_weight = [w is not None for w in weights]
         ctx.ranks = [a.shape[0] for a in lora_a]
@@ -135,13 +140,22 @@ class _LoRAProjections(torch.autograd.Function):
                       else grad_x.addmm_(gmid, a_cat, alpha=alpha))  # + gmid @ A
             grad_x = grad_x.view_as(x)
         grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
-        return (grad_x, None, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_a, *grad_b)
+        grad_r = [grads[i] if ctx.has_residual[i] else None for i in range(n)]
+        return (grad_x, None, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_r, *grad_a, *grad_b)
 
 
-def _forward_each(x2, mid, weights, biases, base_outs, lora_b, scalings, values_unused: bool,
+def _base(x2, w, bias, residual):
+    """x @ w^T (+ bias) (+ residual, read by the GEMM's epilogue)."""
+    if residual is None:
+        return torch.nn.functional.linear(x2, w, bias)
+    y = torch.addmm(residual.reshape(-1, residual.shape[-1]), x2, w.t())
+    return y if bias is None else y.add_(bias)
+
+
+def _forward_each(x2, mid, weights, biases, base_outs, residuals, lora_b, scalings, values_unused: bool,
                   keep_dequantized: bool):
-    """y_i = x @ W_i^T + b_i, then += s_i mid_i @ B_i^T in place (a K=r_i GEMM with beta=1), per projection.
-    Returns (outputs (N, d_out_i), the casted B_i for backward, the kept dequantized weights)."""
+    """y_i = x @ W_i^T + b_i (+ r_i), then += s_i mid_i @ B_i^T in place (a K=r_i GEMM with beta=1), per
+    projection. Returns (outputs (N, d_out_i), the casted B_i for backward, the kept dequantized weights)."""
     dt = x2.dtype
     b_c = [b.to(dt) for b in lora_b]  # (d_out_i, r_i)
     outs, kept, off = [], {}, 0
@@ -153,14 +167,16 @@ def _forward_each(x2, mid, weights, biases, base_outs, lora_b, scalings, values_
             y = x2.new_empty(x2.shape[0], b.shape[0])
         elif weights[i] is not None:
             w = weights[i]() if callable(weights[i]) else weights[i]  # a 4-bit weight: dequantized now
-            y = torch.nn.functional.linear(x2, w, biases[i])  # (N, d_out_i)
+            y = _base(x2, w, biases[i], residuals[i])  # (N, d_out_i)
             if keep_dequantized and callable(weights[i]):
                 kept[i] = w
             del w
             y.addmm_(mid_i, b.t(), alpha=scalings[i])
         else:
-            y0 = base_outs[i]
-            y = torch.addmm(y0.reshape(-1, y0.shape[-1]).to(dt), mid_i, b.t(), alpha=scalings[i])
+            y0 = base_outs[i].reshape(-1, b.shape[0]).to(dt)
+            if residuals[i] is not None:
+                y0 = y0 + residuals[i].reshape(-1, b.shape[0])
+            y = torch.addmm(y0, mid_i, b.t(), alpha=scalings[i])
         outs.append(y)
     return outs, b_c, kept
 
@@ -174,7 +190,7 @@ def _concat_k(weights, scalings, d_outs, d_in: int, values_unused: bool) -> bool
             and sum(d_outs) > d_in)
 
 
-def _forward_concat_k(x2, mid, weights, biases, lora_b, s: float, keep_dequantized: bool):
+def _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, s: float, keep_dequantized: bool):
     """y_i = [x | s mid] @ [W_i | B_pad_i]^T (+ b_i) for every projection of the group, where B_pad_i is
     B_i in its own r_i columns of R and zeros in the others: the base and the update in one GEMM, one
     rounding. Returns (outputs, the casted B_i for backward, the kept dequantized weights)."""
@@ -187,7 +203,7 @@ def _forward_concat_k(x2, mid, weights, biases, lora_b, s: float, keep_dequantiz
         w_ext = x2.new_empty(d_out, x_ext.shape[1])
         w = weights[i](out=w_ext[:, :d_in])  # dequantized straight into its columns
         w_ext[:, d_in:].copy_(b_pad[row:row + d_out])
-        outs.append(torch.nn.functional.linear(x_ext, w_ext, biases[i]))
+        outs.append(_base(x_ext, w_ext, biases[i], residuals[i]))
         if keep_dequantized:
             kept[i] = w
         b_c.append(b_pad[row:row + d_out, col:col + r])
@@ -195,7 +211,7 @@ def _forward_concat_k(x2, mid, weights, biases, lora_b, s: float, keep_dequantiz
     return outs, b_c, kept
 
 
-def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None,
+def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None, residuals=None,
                      values_unused: bool = False, keep_dequantized: bool = False):
     """y_i = x @ W_i^T + b_i + s_i (x @ A_i^T) @ B_i^T for each i, as one autograd node.
 
@@ -204,7 +220,9 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
     the base output computed elsewhere (its gradient is passed through). weights[i] may also be a callable
     returning the (d_out_i, d_in) weight (a 4-bit weight dequantized on demand: called in the forward and
     again in the backward, never kept), as `fn()` or as `fn(out=buffer)` to write it into a given
-    (d_out_i, d_in) view with contiguous rows. Returns a tuple of (..., d_out_i).
+    (d_out_i, d_in) view with contiguous rows. residuals[i] (..., d_out_i), optional: added to the output
+    (y_i + r_i, the residual sum after a pre-norm layer's o or down projection; its gradient is g_i).
+    Returns a tuple of (..., d_out_i).
 
     `values_unused`: the caller promises nothing will read the outputs' values, only backpropagate through
     them (a checkpointed layer's recompute, where the last projection feeds only the residual sum that
@@ -219,7 +237,11 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
     weights = list(weights) if weights is not None else [None] * n
     biases = list(biases) if biases is not None else [None] * n
     base_outs = list(base_outs) if base_outs is not None else [None] * n
+    residuals = list(residuals) if residuals is not None else [None] * n
     for i in range(n):
+        r = residuals[i]
+        if r is not None and r.shape[-1] != lora_b[i].shape[0]:
+            raise ValueError(f"projection {i}: residual has {r.shape[-1]} features, the output {lora_b[i].shape[0]}")
         if (weights[i] is None) == (base_outs[i] is None):
             raise ValueError(f"projection {i}: give exactly one of weights[i] and base_outs[i]")
         for name, t in (("weight", weights[i]), ("bias", biases[i])):
@@ -227,14 +249,15 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
                 raise ValueError(f"projection {i}: the base {name} must be frozen (requires_grad=False)")
     scalings = tuple(float(s) for s in scalings)
     if not torch.is_grad_enabled():  # nothing to record (a checkpointed layer's first forward): no node
-        return tuple(_forward(x, scalings, values_unused, False, weights, biases, base_outs, lora_a, lora_b)[0])
+        return tuple(_forward(x, scalings, values_unused, False, weights, biases, base_outs, residuals, lora_a,
+                              lora_b)[0])
     return _LoRAProjections.apply(x, scalings, bool(values_unused), bool(keep_dequantized), *weights, *biases,
-                                  *base_outs, *lora_a, *lora_b)
+                                  *base_outs, *residuals, *lora_a, *lora_b)
 
 
-def lora_projections_ref(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None):
+def lora_projections_ref(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None, residuals=None):
     """peft 0.21's arithmetic: base output in the input dtype, x cast to the adapter dtype, the update
-    computed and added there, the sum cast back."""
+    computed and added there, the sum cast back; then HF's residual sum (`residual + out`)."""
     n = len(lora_a)
     outs = []
     for i in range(n):
@@ -243,5 +266,6 @@ def lora_projections_ref(x, lora_a, lora_b, scalings, *, weights=None, biases=No
         else:
             y = base_outs[i]
         xa = x.to(lora_a[i].dtype)
-        outs.append((y + (xa @ lora_a[i].t()) @ lora_b[i].t() * scalings[i]).to(y.dtype))
+        out = (y + (xa @ lora_a[i].t()) @ lora_b[i].t() * scalings[i]).to(y.dtype)
+        outs.append(out if residuals is None or residuals[i] is None else residuals[i] + out)
     return tuple(outs)

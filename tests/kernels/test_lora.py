@@ -186,3 +186,36 @@ def test_llama3_8b_qkv_group(cuda):
     outs_s = lora_projections_ref(x, a, b, [2.0] * 3, weights=ws)
     for i, (k, s_, h) in enumerate(zip(outs_k, outs_s, outs_h, strict=True)):
         assert_close_to_reference(f"qkv output {i}", k, s_, h)
+
+
+@pytest.mark.parametrize("callable_weights", [False, True], ids=["tensor-weights", "callable-weights"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_residual_added_by_the_base_gemm(case, dtype, callable_weights, device):
+    """residuals= (a pre-norm layer's o and down projections): y_i + r_i against HF's `residual + out`,
+    values and every gradient, the residual's included; with callable (4-bit-like) weights the group can take
+    the one-GEMM [x | s mid] path, which reads the residual the same way."""
+    shape, d_in, projs = CASES[case]
+    x, ws, _, a, b, _ = _inputs(shape, d_in, projs, device)
+    s = [1.5] * len(projs)  # one scaling: the [x | s mid] path where the outputs are wider than x
+    rs = [torch.randn(*shape, o, device=device) for o, _ in projs]
+    n = len(projs)
+
+    def call(fn, kernel):
+        def run(x, *t):
+            ws_, rs_, a_, b_ = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:]
+            if kernel and callable_weights:
+                ws_ = [lambda out=None, w=w: w.clone() if out is None else out.copy_(w) for w in ws_]
+            return fn(x, list(a_), list(b_), s, weights=list(ws_), residuals=list(rs_))
+        return run
+
+    inputs = [x, *ws, *rs, *a, *b]
+    frozen = [True] + [False] * n + [True] * (3 * n)  # W frozen; x, the residuals and the adapters train
+    check_against_reference("lora+residual", call(lora_projections, True), call(lora_projections_ref, False),
+                            inputs, dtype, requires_grad=frozen)
+
+
+def test_residual_of_the_wrong_width_is_refused(device):
+    x, ws, _, a, b, s = _inputs((3,), 16, [(8, 2)], device)
+    with pytest.raises(ValueError, match="residual has 7 features, the output 8"):
+        lora_projections(x, a, b, s, weights=ws, residuals=[torch.zeros(3, 7, device=device)])

@@ -207,3 +207,32 @@ def test_loss_fn_matches_hf_loss(kind, arch):
     assert_model_close(f"{kind} loss", loss_sum / n, hf_loss)
     for name, g in _lora_grads(model).items():
         assert_model_close(f"{kind} grad {name}", grads[name], g)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_residual_sums_move_into_the_projections_under_hf_checkpointing(arch, monkeypatch):
+    """With fused LoRA, pre-norm decoder layers (every architecture here but Gemma2) run their two residual
+    sums inside the o and down projections' GEMMs: loss and every LoRA gradient match HF, with HF's own
+    gradient checkpointing on (which transformers applies in the layer's `__call__` or, in later versions,
+    by wrapping the class's `forward` that this replaces: both must still recompute each layer once)."""
+    from distsft import patching
+
+    model = _lora_model(arch)
+    hf = copy.deepcopy(model)
+    for m in (model, hf):
+        m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    report = apply_kernels(model, KernelsConfig())
+    layers = model.get_base_model().model.layers
+    fused = arch != "gemma2"
+    assert all(("forward" in layer.__dict__) == fused for layer in layers)
+    bodies = []
+    real = patching._decoder_body
+    monkeypatch.setattr(patching, "_decoder_body", lambda *a, **k: (bodies.append(1), real(*a, **k))[1])
+    out, ref = _run_step(model), _run_step(hf)
+    assert len(bodies) == (2 * LAYERS if fused else 0)  # forward + one recompute per layer
+    assert_model_close(f"{arch} loss", out.loss, ref.loss)
+    for name, g in _lora_grads(model).items():
+        assert_model_close(f"{arch} grad {name}", g, _lora_grads(hf)[name])
+    revert_kernels(model, report)
+    assert not any("forward" in layer.__dict__ for layer in layers)

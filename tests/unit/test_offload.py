@@ -68,9 +68,9 @@ def test_patched_recompute_skips_the_down_projection(fn, monkeypatch):
     calls = []
     real = patching._fused_lora
 
-    def spy(x, modules, values_unused=False):
+    def spy(x, modules, values_unused=False, **kw):
         calls.append(values_unused)
-        return real(x, modules, values_unused)
+        return real(x, modules, values_unused, **kw)
 
     monkeypatch.setattr(patching, "_fused_lora", spy)
     model, plain = _models(0.0, fn, KernelsConfig())
