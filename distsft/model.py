@@ -442,7 +442,7 @@ class CausalLMWithLoss(nn.Module):
 
     def forward(self, input_ids, target_ids, position_ids=None, attention_mask=None, target_index=None,
                 **attn_kwargs):
-        """`target_index`: `target_index(target_ids)`, computed where the batch is still on the host
+        """`target_index`: `target_indices(target_ids)`, computed where the batch is still on the host
         (`distsft.train.to_device` does): without it, selecting the rows with a target waits for the GPU
         to finish the whole forward (a boolean index's size is only known there), and so does its backward."""
         if target_index is not None and target_index.device != target_ids.device:

@@ -161,9 +161,9 @@ def _decoder_forward(self, *args, **kwargs):
     out = h + mlp(norm(h))`) with each residual sum done by the o or down projection's GEMM (its epilogue
     reads the residual): two fewer passes over the hidden states per layer and forward.
 
-    Gradient checkpointing: transformers < 5.2x checkpoints in the layer's `__call__` (which calls this);
-    later versions wrap the class's `forward` (`GradientCheckpointingLayer.__init_subclass__`), which this
-    replaces on the instance, so the same checkpoint is applied here (and the cache dropped, as HF does)."""
+    Gradient checkpointing: transformers 5.17 checkpoints in the layer's `__call__` (which calls this);
+    5.23 wraps the class's `forward` (`GradientCheckpointingLayer.__init_subclass__`), which this replaces
+    on the instance, so the same checkpoint is applied here (and the cache dropped, as HF does)."""
     if self.gradient_checkpointing and self.training and hasattr(type(self).forward, "__wrapped__"):
         kwargs.update(use_cache=False, past_key_values=None)
         return self._gradient_checkpointing_func(functools.partial(_decoder_body, self, **kwargs), *args)

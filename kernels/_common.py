@@ -75,11 +75,11 @@ def row_block(n_cols: int, max_elems: int = 8192) -> tuple[int, int, int]:
 # compiled kernel on those same properties (each integer's whole value, a superset of what Triton
 # distinguishes), lets Triton's own launch compile it the first time a key is seen, and afterwards calls
 # the compiled kernel directly: through the compiled kernel's C launcher where this Triton's objects have
-# the expected shape (Triton 3.x's `CompiledKernel.run.launch`, no scratch memory, no launch hooks set
-# when the kernel was first seen), else through `compiled[grid](...)`. Each direct call is checked once per
-# process on a probe kernel (pointer, integer, float and constexpr arguments; a wrong argument order or a
-# stale value would show) and given up, with a warning, if it fails or differs: then every launch takes
-# Triton's path.
+# the expected shape (Triton 3.6's `CompiledKernel.run.launch`, no scratch memory; a launch made while a
+# Triton launch hook is registered goes through the runner), else through `compiled[grid](...)`. Each
+# direct call is checked once per process on a probe kernel (pointer, integer, float and constexpr
+# arguments; a wrong argument order or a stale value would show) and given up, with a warning, if it fails
+# or differs: then every launch takes Triton's path.
 
 
 @triton.jit
