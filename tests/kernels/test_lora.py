@@ -74,20 +74,23 @@ def test_bf16_compute_with_fp32_adapters(device):
         assert_close_to_reference(f"grad {i}", k, sm.to(k.dtype), h)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_external_base_output(dtype, device):
+def test_external_base_output(dtype, residual, device):
     """A base computed elsewhere (a 4-bit layer's output): its gradient passes through unchanged, and x
-    gets the LoRA part here plus the base part through the base's own graph."""
+    gets the LoRA part here plus the base part through the base's own graph; with a residual, the sum
+    and the residual's gradient as HF's add gives them."""
     x, ws, _, a, b, s = _inputs((6,), 80, [(48, 4), (48, 8)], device)
+    rs = [torch.randn(6, 48, device=device) for _ in range(2)]
 
-    def run(fn, x, w0, w1, a0, a1, b0, b1):
+    def run(fn, x, w0, w1, a0, a1, b0, b1, *r):
         base = [x @ w0.t(), torch.tanh(x @ w1.t())]  # any differentiable base
-        return fn(x, [a0, a1], [b0, b1], s, base_outs=base)
+        return fn(x, [a0, a1], [b0, b1], s, base_outs=base, residuals=list(r) if r else None)
 
-    inputs = [x, *ws, *a, *b]
+    inputs = [x, *ws, *a, *b, *(rs if residual else [])]
     check_against_reference("lora external base", lambda *t: run(lora_projections, *t),
                             lambda *t: run(lora_projections_ref, *t), inputs, dtype,
-                            requires_grad=[True, True, True, True, True, True, True])
+                            requires_grad=[True] * len(inputs))
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["dequantized-twice", "kept"])
