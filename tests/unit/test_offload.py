@@ -100,3 +100,42 @@ def test_offload_streams_on_cuda():
         for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.gpu
+def test_offload_backward_holds_no_input_while_the_host_runs_ahead():
+    """Regression: the backward's prefetched inputs were allocated on the copy stream and `record_stream`ed
+    on the compute stream, so each one's memory stayed held (in the copy stream's pool, reserved, unusable
+    by the compute stream) until the GPU had got past its layer. The host runs layers ahead of the GPU in
+    the backward (8 x 32 MiB held at the 8B QLoRA step's peak, 0.3 GiB more reserved); here the compute
+    stream is held back by a sleep so that the host enqueues the whole backward first. The memory the
+    backward needs must not depend on how far ahead the host is."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    layers, batch, seq, hidden = 8, 16, 512, 512  # short rows: the GPU keeps up with the host unless held back
+    cfg = dict(CONFIG, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers)
+    base = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**cfg))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).cuda().train()
+    for layer in model.base_model.model.model.layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = offloaded_checkpoint
+    ids = torch.randint(0, 128, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    input_bytes = batch * seq * hidden * 4  # one layer's saved input (fp32): 16 MiB
+
+    def backward_reserved(host_ahead: bool) -> int:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_reserved()
+        if host_ahead:
+            torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles: the backward is enqueued meanwhile
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_reserved() - start
+
+    backward_reserved(False)  # warm-up: pinned blocks, kernels
+    in_step, ahead = backward_reserved(False), backward_reserved(True)
+    assert ahead - in_step < 2 * input_bytes, (in_step, ahead, input_bytes)
