@@ -4,9 +4,12 @@ step against the step's wall time, and any host-device synchronisation inside th
 (torch.cuda.set_sync_debug_mode). `--phases` adds, for the forward, the backward and the optimizer step each
 started on an idle GPU: the host's time to enqueue the phase, the phase's wall time, and the GPU's kernel time
 in it (torch.profiler), so a phase the host holds back (wall close to its host time, GPU time well below)
-shows apart from one the GPU holds back; and the kernels with the most GPU time in a step.
+shows apart from one the GPU holds back; the kernels with the most GPU time in a step; and where in the
+step the compute stream sits idle (the longest gaps, the kernels around them, and whether a copy on another
+stream ended in the gap). `--memory` replays the allocator's trace of one step: what is allocated at its
+peak, by call site.
 
-    python launch/tools/profile_host.py --qlora --gc --offload --case llama3-8b:2x2048 --phases
+    python launch/tools/profile_host.py --qlora --gc --offload --case llama3-8b:2x2048 --phases --memory
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import pstats
 import sys
 import time
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--phases", action="store_true", help="per-phase host / wall / GPU-kernel time, top kernels")
     ap.add_argument("--keep-dequant", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="what is allocated at the step's peak, by call site")
     args = ap.parse_args()
     shape, bt = args.case.split(":")
     batch, seq = (int(v) for v in bt.split("x"))
@@ -65,6 +70,8 @@ def main() -> None:
     print(f"step wall {1e3 * min(walls):.1f} ms (min of 5), host returns after {1e3 * min(enqueues):.1f} ms")
     if args.phases:
         phases(step, loss_fn, ids, opt)
+    if args.memory:
+        memory_at_peak(step)
     torch.cuda.set_sync_debug_mode("warn")
     import warnings
 
@@ -85,6 +92,52 @@ def main() -> None:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(args.top)
         print("\n".join(line[:160] for line in buf.getvalue().splitlines() if line.strip()))
+
+
+def memory_at_peak(step, top: int = 25) -> None:
+    """Replay the allocator's trace of one step: the allocated bytes at the step's peak, split into what was
+    allocated before the step (weights, optimizer state, ...) and the step's own live allocations, grouped
+    by the innermost call site in the repository (else the innermost Python frame)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    repo = str(Path(__file__).resolve().parents[2])
+
+    def site(frames) -> str:
+        py = [f for f in frames if f["filename"].endswith(".py")]
+        ours = [f for f in py if f["filename"].startswith(repo) or "distsft_kernels" in f["filename"]]
+        f = (ours or py or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for ev in snap["device_traces"][torch.cuda.current_device()]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], site(ev.get("frames", [])))
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+    gib = 2 ** 30
+    print(f"memory: allocated before the step {before / gib:.3f} GiB; step peak "
+          f"{torch.cuda.max_memory_allocated() / gib:.3f}"
+          f" GiB (trace: {(before + peak) / gib:.3f}); the step's own allocations live at the peak, by site:")
+    by_site: dict[str, list] = {}
+    for size, where in at_peak.values():
+        acc = by_site.setdefault(where, [0, 0])
+        acc[0] += size
+        acc[1] += 1
+    for where, (size, n) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {size / 2 ** 20:9.1f} MiB {n:5d}x  {where}")
 
 
 def phases(step, loss_fn, ids, opt) -> None:
@@ -144,6 +197,39 @@ def phases(step, loss_fn, ids, opt) -> None:
     print(f"one step: GPU kernel time {total:.1f} ms, {sum(v[1] for v in by_name.values())} kernels")
     for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"  {ms:8.2f} ms {n:5d}x  {name}")
+    idle_gaps(prof)
+
+
+def idle_gaps(prof, top: int = 25) -> None:
+    """Where the compute stream (the one with the most kernel time) sits idle inside the step: total idle,
+    idle per tenth of the step, and the longest gaps with the kernels around them and whether a copy on
+    another stream ended just before the gap did (the stream waited for it) or not (the host was late)."""
+    events = [(e.device_resource_id(), e.start_ns(), e.start_ns() + e.duration_ns(), e.name())
+              for e in prof.profiler.kineto_results.events() if e.device_type().name == "CUDA"]
+    busy: dict[int, int] = {}
+    for stream, t0, t1, _ in events:
+        busy[stream] = busy.get(stream, 0) + t1 - t0
+    main = max(busy, key=busy.get)
+    ks = sorted(e for e in events if e[0] == main)
+    others = sorted((t1, name) for stream, _, t1, name in events if stream != main)
+    start, end = ks[0][1], ks[-1][2]
+    gaps = [(b[1] - a[2], a, b) for a, b in itertools.pairwise(ks) if b[1] > a[2]]
+    idle = sum(g for g, _, _ in gaps)
+    print(f"compute stream {main}: {len(ks)} kernels over {(end - start) / 1e6:.1f} ms, idle {idle / 1e6:.1f} ms "
+          f"in {len(gaps)} gaps ({sum(g for g, _, _ in gaps if g > 20_000) / 1e6:.1f} ms in gaps > 20 us); "
+          f"other streams busy {sum(v for k, v in busy.items() if k != main) / 1e6:.1f} ms")
+    tenth = (end - start) / 10
+    per = [0.0] * 10
+    for g, a, _ in gaps:
+        per[min(9, int((a[2] - start) / tenth))] += g / 1e6
+    print("idle ms per tenth of the step: " + " ".join(f"{v:.1f}" for v in per))
+    import bisect
+
+    print(f"longest {top} gaps: at ms, gap us, kernel before -> after, copy on another stream ending in the gap")
+    for g, a, b in sorted(gaps, key=lambda t: -t[0])[:top]:
+        i = bisect.bisect_right(others, (b[1],)) - 1
+        waited = others[i][1][:30] if i >= 0 and others[i][0] >= a[2] else "-"
+        print(f"  {(a[2] - start) / 1e6:7.2f} {g / 1e3:8.1f}  {a[3][:45]} -> {b[3][:45]}  [{waited}]")
 
 
 if __name__ == "__main__":
