@@ -148,18 +148,28 @@ def _mlp_forward(self, x, residual=None):
 
 
 def _to_residual(proj, x, residual):
-    """proj(x) + residual: the residual read by the fused projection's GEMM where the projection is fused."""
+    """residual + proj(x) in HF's order: the projection's output, LoRA update included, is rounded to the
+    compute dtype first and the residual added after.
+
+    Not the residual read by the fused projection's base GEMM (lora_projections residuals=): that rounds
+    residual + x W^T to the residual stream's grid first and adds the small LoRA update s (x A^T) B^T to
+    it after, so in bf16 every update under half a unit in the last place of the residual stream is
+    rounded away, always towards "no update". Fresh adapters (B = +-lr after Adam's first step) lost most
+    of their o and down projection updates that way: on a Llama-3.2-1B shape the step-2 loss came out
+    0.02 above peft's forward and fp32 (which ZeRO-3, where this path is off, matched), 12% of the first
+    step's decrease. HF's order keeps the update in expectation (the base output dithers the sum). Cost:
+    the separate add the epilogue saved (launch/results/e2e_h100.md, 47ada67), until kernels/lora.py adds
+    the update before the residual is rounded in."""
     if residual is None:
         return proj(x)
-    if _lora_fusable(proj):
-        return _fused_lora(x, (proj,), residuals=(residual,))[0]
     return residual + proj(x)
 
 
 def _decoder_forward(self, *args, **kwargs):
     """HF's pre-norm decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma: `h = x + attn(norm(x));
-    out = h + mlp(norm(h))`) with each residual sum done by the o or down projection's GEMM (its epilogue
-    reads the residual): two fewer passes over the hidden states per layer and forward.
+    out = h + mlp(norm(h))`) with the residual handed to the attention and MLP forwards: they add it in
+    HF's order (`_to_residual`), except in a checkpointed layer's recompute, where the down projection's
+    GEMM reads it and skips its output's values (nothing reads them, so their rounding cannot matter).
 
     Gradient checkpointing: transformers 5.17 checkpoints in the layer's `__call__` (which calls this);
     5.23 wraps the class's `forward` (`GradientCheckpointingLayer.__init_subclass__`), which this replaces
@@ -455,8 +465,8 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
                 _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act, arch=arch), undo)
                 seen["swiglu"].add(_logical_name(name))
         if arch.mlp_to_residual and lora_layers:
-            # the residual sums into the fused o and down projections: where both of a decoder layer's
-            # attention and MLP forwards are ours (they then take `residual=`)
+            # the residual handed to the attention and MLP forwards: where both of a decoder layer's
+            # attention and MLP forwards are ours (they then take `residual=`; see _to_residual)
             for m in hf.modules():
                 if (_is(m, "DecoderLayer", "input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
                         and _TAG in m.self_attn.__dict__ and _TAG in m.mlp.__dict__):
