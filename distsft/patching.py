@@ -156,7 +156,7 @@ def _to_residual(proj, x, residual):
     it after, so in bf16 every update under half a unit in the last place of the residual stream is
     rounded away, always towards "no update". Fresh adapters (B = +-lr after Adam's first step) lost most
     of their o and down projection updates that way: on a Llama-3.2-1B shape the step-2 loss came out
-    0.02 above peft's forward and fp32 (which ZeRO-3, where this path is off, matched), 12% of the first
+    0.02 above peft's forward and fp32 (which ZeRO-3, where this path is off, matched), ~14% of the first
     step's decrease. HF's order keeps the update in expectation (the base output dithers the sum). Cost:
     the separate add the epilogue saved (launch/results/e2e_h100.md, 47ada67), until kernels/lora.py adds
     the update before the residual is rounded in."""
