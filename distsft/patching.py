@@ -129,8 +129,7 @@ def _rms_norm_forward(self, hidden_states):
     return rms_norm_ref(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
 
 
-def _mlp_forward(self, x, residual=None):
-    """HF's gated MLP; with `residual` (from `_decoder_forward`), residual + mlp(x)."""
+def _mlp_forward(self, x):
     spec = getattr(self, _TAG)
     gate, up = _projections(x, (self.gate_proj, self.up_proj))  # HF's order (matters for LoRA dropout's RNG)
     if _use_triton(spec.backend, gate):
@@ -141,57 +140,13 @@ def _mlp_forward(self, x, residual=None):
     if spec.arch is not None and spec.arch.mlp_to_residual and recomputing() and _lora_fusable(self.down_proj):
         # A checkpointed layer's recompute: this output only feeds the residual sum leaving the layer,
         # whose value backward never reads; skip its GEMMs (distsft/offload.py).
-        # (the residual still goes in: its gradient is this output's)
-        return _fused_lora(h, (self.down_proj,), values_unused=True,
-                           residuals=None if residual is None else (residual,))[0]
-    return _to_residual(self.down_proj, h, residual)
-
-
-def _to_residual(proj, x, residual):
-    """residual + proj(x) in HF's order: the projection's output, LoRA update included, is rounded to the
-    compute dtype first and the residual added after.
-
-    Not the residual read by the fused projection's base GEMM (lora_projections residuals=): that rounds
-    residual + x W^T to the residual stream's grid first and adds the small LoRA update s (x A^T) B^T to
-    it after, so in bf16 every update under half a unit in the last place of the residual stream is
-    rounded away, always towards "no update". Fresh adapters (B = +-lr after Adam's first step) lost most
-    of their o and down projection updates that way: on a Llama-3.2-1B shape the step-2 loss came out
-    0.02 above peft's forward and fp32 (which ZeRO-3, where this path is off, matched), ~14% of the first
-    step's decrease. HF's order keeps the update in expectation (the base output dithers the sum). Cost:
-    the separate add the epilogue saved (launch/results/e2e_h100.md, 47ada67), until kernels/lora.py adds
-    the update before the residual is rounded in."""
-    if residual is None:
-        return proj(x)
-    return residual + proj(x)
-
-
-def _decoder_forward(self, *args, **kwargs):
-    """HF's pre-norm decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma: `h = x + attn(norm(x));
-    out = h + mlp(norm(h))`) with the residual handed to the attention and MLP forwards: they add it in
-    HF's order (`_to_residual`), except in a checkpointed layer's recompute, where the down projection's
-    GEMM reads it and skips its output's values (nothing reads them, so their rounding cannot matter).
-
-    Gradient checkpointing: transformers 5.17 checkpoints in the layer's `__call__` (which calls this);
-    5.23 wraps the class's `forward` (`GradientCheckpointingLayer.__init_subclass__`), which this replaces
-    on the instance, so the same checkpoint is applied here (and the cache dropped, as HF does)."""
-    if self.gradient_checkpointing and self.training and hasattr(type(self).forward, "__wrapped__"):
-        kwargs.update(use_cache=False, past_key_values=None)
-        return self._gradient_checkpointing_func(functools.partial(_decoder_body, self, **kwargs), *args)
-    return _decoder_body(self, *args, **kwargs)
-
-
-def _decoder_body(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                  use_cache=False, position_embeddings=None, **kwargs):
-    h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                          position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                          position_embeddings=position_embeddings, residual=hidden_states, **kwargs)
-    return self.mlp(self.post_attention_layernorm(h), residual=h)
+        return _fused_lora(h, (self.down_proj,), values_unused=True)[0]
+    return self.down_proj(h)
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                       past_key_values=None, residual=None, **kwargs):
-    """HF's Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2 attention forward with the rotation swapped; with
-    `residual` (from `_decoder_forward`), its output is residual + attention."""
+                       past_key_values=None, **kwargs):
+    """HF's Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2 attention forward with the rotation swapped."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     spec = getattr(self, _TAG)
@@ -236,7 +191,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         scaling=self.scaling, **extra, **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return _to_residual(self.o_proj, attn_output, residual), attn_weights
+    return self.o_proj(attn_output), attn_weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,7 +270,7 @@ KEEP_RECOMPUTED_DEQUANT = False
 follows instead of dequantizing it again (~0.3 GB more at the peak for an 8B layer; off by default)."""
 
 
-def _fused_lora(x, modules, values_unused: bool = False, residuals=None):
+def _fused_lora(x, modules, values_unused: bool = False):
     key = modules[0].active_adapters[0]
     weights, biases, base_outs = [], [], []
     for m in modules:
@@ -332,7 +287,7 @@ def _fused_lora(x, modules, values_unused: bool = False, residuals=None):
             base_outs.append(None)
     return K.lora_projections(
         x, [m.lora_A[key].weight for m in modules], [m.lora_B[key].weight for m in modules],
-        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs, residuals=residuals,
+        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs,
         values_unused=values_unused, keep_dequantized=KEEP_RECOMPUTED_DEQUANT and recomputing())
 
 
@@ -464,13 +419,6 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
                     continue
                 _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act, arch=arch), undo)
                 seen["swiglu"].add(_logical_name(name))
-        if arch.mlp_to_residual and lora_layers:
-            # the residual handed to the attention and MLP forwards: where both of a decoder layer's
-            # attention and MLP forwards are ours (they then take `residual=`; see _to_residual)
-            for m in hf.modules():
-                if (_is(m, "DecoderLayer", "input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
-                        and _TAG in m.self_attn.__dict__ and _TAG in m.mlp.__dict__):
-                    _bind(m, _decoder_forward, _Spec(cfg.backend, arch=arch), undo)
         report.counts = {k: len(v) for k, v in seen.items()}
         if report.counts != report.expected:
             raise RuntimeError(f"kernels: patched {report.counts} modules in this {model_type} model, "

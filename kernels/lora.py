@@ -223,8 +223,8 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
     (d_out_i, d_in) view with contiguous rows. residuals[i] (..., d_out_i), optional: added to the output
     (y_i + r_i, the residual sum after a pre-norm layer's o or down projection; its gradient is g_i). The
     base GEMM reads it, so x W_i^T + r_i is rounded to r_i's grid before the LoRA update is added: in bf16
-    an update under half an ulp of the residual is lost (distsft passes residuals only where the outputs'
-    values are unused). Returns a tuple of (..., d_out_i).
+    an update under half an ulp of the residual is lost (distsft's patched models pass none; HF's decoder
+    layers add the residual after the projection). Returns a tuple of (..., d_out_i).
 
     `values_unused`: the caller promises nothing will read the outputs' values, only backpropagate through
     them (a checkpointed layer's recompute, where the last projection feeds only the residual sum that
