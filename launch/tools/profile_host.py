@@ -7,7 +7,8 @@ in it (torch.profiler), so a phase the host holds back (wall close to its host t
 shows apart from one the GPU holds back; the kernels with the most GPU time in a step; and where in the
 step the compute stream sits idle (the longest gaps, the kernels around them, and whether a copy on another
 stream ended in the gap). `--memory` replays the allocator's trace of one step: what is allocated at its
-peak, by call site.
+peak, by call site. `--ops` lists, per phase, the operators the host dispatched (torch.profiler's CPU
+events: count and own host time), the place to look when a phase is host-bound.
 
     python launch/tools/profile_host.py --qlora --gc --offload --case llama3-8b:2x2048 --phases --memory
 """
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true", help="per-phase host / wall / GPU-kernel time, top kernels")
     ap.add_argument("--keep-dequant", action="store_true")
     ap.add_argument("--memory", action="store_true", help="what is allocated at the step's peak, by call site")
+    ap.add_argument("--ops", action="store_true", help="operators dispatched per phase: count, own host time")
     args = ap.parse_args()
     shape, bt = args.case.split(":")
     batch, seq = (int(v) for v in bt.split("x"))
@@ -72,6 +74,8 @@ def main() -> None:
         phases(step, loss_fn, ids, opt)
     if args.memory:
         memory_at_peak(step)
+    if args.ops:
+        host_ops(loss_fn, ids, opt, args.top)
     torch.cuda.set_sync_debug_mode("warn")
     import warnings
 
@@ -138,6 +142,49 @@ def memory_at_peak(step, top: int = 25) -> None:
         acc[1] += 1
     for where, (size, n) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {size / 2 ** 20:9.1f} MiB {n:5d}x  {where}")
+
+
+def host_ops(loss_fn, ids, opt, top: int) -> None:
+    """The operators the host dispatches in the forward and in the backward of one step (aten ops, Triton and
+    Python-level autograd functions as the CPU profiler records them): how many, and their own host time
+    (inflated by the profiler's per-event cost, so read the counts and the ranking, not the absolute times)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    state = {}
+    for name, fn in (("forward", lambda: state.update(loss=loss_fn(ids))),
+                     ("backward", lambda: state.pop("loss").backward())):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        torch.cuda.synchronize()
+        avg = prof.key_averages()
+        n = sum(e.count for e in avg)
+        own = sum(e.self_cpu_time_total for e in avg) / 1e3
+        print(f"{name}: {n} host events, own host time {own:.1f} ms (profiled); top {top} by own time:")
+        for e in sorted(avg, key=lambda e: -e.self_cpu_time_total)[:top]:
+            print(f"  {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:90]}")
+        # every launch (kernel, memset, copy) by the outermost aten op it came from, under the nearest
+        # Python-level autograd Function or checkpoint: which ops cost the most launches
+        by_op: dict[str, int] = {}
+        for e in prof.events():
+            if not e.name.startswith(("cudaLaunch", "cuLaunch", "cudaMemsetAsync", "cudaMemcpyAsync")):
+                continue
+            op, owner, p = None, "-", e.cpu_parent
+            while p is not None:
+                if p.name.startswith("aten::"):
+                    op = p.name
+                elif owner == "-":
+                    owner = p.name
+                p = p.cpu_parent
+            kind = "memset" if "Memset" in e.name else "memcpy" if "Memcpy" in e.name else "kernel"
+            key = f"{op or '(Triton or direct)'} [{kind}] in {owner}"
+            by_op[key] = by_op.get(key, 0) + 1
+        print(f"{name}: {sum(by_op.values())} launches, by issuing op:")
+        for key, n in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {n:6d}x  {key[:110]}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def phases(step, loss_fn, ids, opt) -> None:
