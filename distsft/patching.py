@@ -20,7 +20,6 @@ references (which reproduce the HF modules' numerics).
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import types
@@ -241,20 +240,40 @@ def _lora_fusable(m) -> bool:
     return not hasattr(base.weight, "ds_id")
 
 
-def _dequantize_4bit(layer, spec: _Spec, out: torch.Tensor | None = None) -> torch.Tensor:
+def _dequantize_4bit(layer, spec: _Spec, out: torch.Tensor | None = None, tail: tuple | None = None
+                     ) -> torch.Tensor:
     """A bitsandbytes Linear4bit weight as a (out, in) tensor in its compute dtype (written into `out`, a
-    possibly row-strided (out, in) view, when given)."""
+    possibly row-strided (out, in) view, when given; with `tail = (b, col, width)` also the `width` columns
+    after `out` in its rows: zeros but `b` from column `col`, as `K.Dequantizer` takes it)."""
     w = layer.weight
-    data, state = w.data, w.quant_state
+    state = w.quant_state
     dtype = layer.compute_dtype if layer.compute_dtype is not None else state.dtype
+    plan = layer.__dict__.get("_distsft_dequantizer")  # (what it was built from, K.Dequantizer)
+    if plan is not None and spec.dequantize_4bit and spec.backend != "torch" and plan[0] == _quant_sources(
+            w, state, dtype):
+        return plan[1](out, tail)
+    full = _dequantize_4bit_uncached(layer, spec, w, state, dtype, out)
+    if tail is not None:  # (later calls write these in the dequantization's launch, where it is ours)
+        b, col, width = tail
+        cols = out.as_strided((out.shape[0], width), out.stride(), out.storage_offset() + out.shape[1])
+        cols.zero_()
+        cols[:, col:col + b.shape[1]].copy_(b)
+    return full
+
+
+def _dequantize_4bit_uncached(layer, spec: _Spec, w, state, dtype, out: torch.Tensor | None) -> torch.Tensor:
+    data = w.data
     if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout (model.py)
         import bitsandbytes as bnb
 
         data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
         full = bnb.functional.dequantize_4bit(data, state)
     elif spec.dequantize_4bit and _use_triton(spec.backend, data):
-        if out is not None and state.dtype == dtype:
-            return K.dequantize_4bit_state(data, state, out=out)
+        if state.dtype == dtype:
+            # checked once, then each call is little more than the launch (~640 per 8B step)
+            plan = (_quant_sources(w, state, dtype), K.Dequantizer.from_state(data, state))
+            layer.__dict__["_distsft_dequantizer"] = plan
+            return plan[1](out)
         full = K.dequantize_4bit_state(data, state)
     else:
         import bitsandbytes as bnb
@@ -263,6 +282,28 @@ def _dequantize_4bit(layer, spec: _Spec, out: torch.Tensor | None = None) -> tor
     if out is not None:
         return out.copy_(full)
     return full if full.dtype == dtype else full.to(dtype)
+
+
+def _quant_sources(w, state, dtype) -> tuple:
+    """What a layer's cached Dequantizer was built from, compared by identity (and the packed storage's
+    address): moving or replacing the weight or its quantization state (`.to(device)`, a reload) changes
+    one of them, and the next call builds a new one."""
+    s2 = state.state2 if state.nested else None
+    return (w.data_ptr(), id(state), id(state.absmax), id(state.code), id(state.offset),
+            id(s2.absmax) if s2 is not None else 0, id(s2.code) if s2 is not None else 0, dtype)
+
+
+class _Dequantized4bit:
+    """A 4-bit base weight as lora_projections takes a weight callable: `fn(out=None, tail=None)`."""
+
+    writes_tail = True  # fills [W | B_pad]'s B columns itself (in the dequantization's launch)
+    __slots__ = ("layer", "spec")
+
+    def __init__(self, layer, spec: _Spec):
+        self.layer, self.spec = layer, spec
+
+    def __call__(self, out: torch.Tensor | None = None, tail: tuple | None = None) -> torch.Tensor:
+        return _dequantize_4bit(self.layer, self.spec, out, tail)
 
 
 KEEP_RECOMPUTED_DEQUANT = False
@@ -278,7 +319,7 @@ def _fused_lora(x, modules, values_unused: bool = False):
         if _is_4bit(base):
             # Dequantized on demand, in the forward and again in the backward (never kept): the same
             # fused GEMMs as a plain weight, no bitsandbytes autograd node and no separate dx sum.
-            weights.append(functools.partial(_dequantize_4bit, base, m.__dict__[_TAG]))
+            weights.append(_Dequantized4bit(base, m.__dict__[_TAG]))
             biases.append(base.bias)
             base_outs.append(None)
         else:

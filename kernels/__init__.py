@@ -14,6 +14,9 @@ Functional entry points (each a `torch.autograd.Function` underneath) and their 
     dequantize_4bit(data, absmax, code, *, blocksize, shape, dtype, nested)
         (bitsandbytes NF4/FP4, bitwise equal; no autograd: frozen weights)  dequantize_4bit_ref
     dequantize_4bit_state(data, quant_state)   the same from a bitsandbytes QuantState
+    Dequantizer(...) / Dequantizer.from_state(data, quant_state)
+        the same, arguments checked once: each call is ~the launch
+    cast.cast_concat(tensors, dtype)   cat of the flattened tensors, cast, in one launch (LoRA adapters)
 
 Importing this package decorates the Triton kernels, which is when Triton decides between compiling
 for a GPU and interpreting on CPU: set `TRITON_INTERPRET=1` before the first import to interpret.
@@ -63,7 +66,7 @@ else:
     try:
         from ._common import INTERPRETED, triton_can_run
         from .cross_entropy import cross_entropy
-        from .dequant import dequantize_4bit, dequantize_4bit_state
+        from .dequant import Dequantizer, dequantize_4bit, dequantize_4bit_state
         from .fused_linear_cross_entropy import fused_linear_cross_entropy
         from .rms_norm import rms_norm
         from .rope import rope
@@ -85,6 +88,7 @@ __all__ = [
     "INTERPRETED",
     "triton_can_run",
     "cross_entropy",
+    "Dequantizer",
     "dequantize_4bit",
     "dequantize_4bit_state",
     "fused_linear_cross_entropy",

@@ -30,34 +30,49 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, Launcher, cast_out
+from ._common import INTERPRETED, Launcher, _get_device, cast_out, cdiv, next_pow2
 
 
 @triton.jit
 def _dequant_4bit_kernel(
     A, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, OUT, n_bytes, n_out, out_stride,
+    TAIL, tail_rows, tail_cols, tail_col0, tail_width, n_weight_programs,
     NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BLOCK: tl.constexpr,
-    ROW: tl.constexpr,
+    ROW: tl.constexpr, HAS_TAIL: tl.constexpr, TAIL_ROWS: tl.constexpr, TAIL_W: tl.constexpr,
 ):
     # ROW > 0: element e goes to OUT[(e // ROW) * out_stride + e % ROW] (a constant divisor: shifts or a
     # multiply, not a division); ROW == 0: OUT is contiguous
-    # BLOCK packed bytes (2 * BLOCK outputs) per program
-    b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = b < n_bytes
-    byte = tl.load(A + b, mask=mask, other=0).to(tl.int32)
-    blk = (2 * b) // BLOCKSIZE  # both nibbles of a byte share a block (BLOCKSIZE is even)
-    if NESTED:
-        q = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=mask, other=0.0)
-        scale = scale + tl.load(OFFSET)
+    # HAS_TAIL: the programs after the first n_weight_programs write each row's tail_width columns after
+    # the weight's ROW (zeros, TAIL's tail_cols columns from tail_col0 on), TAIL_ROWS rows per program
+    pid = tl.program_id(0)
+    if HAS_TAIL and pid >= n_weight_programs:
+        # (names of their own: Triton wants a name bound in both branches to have one type)
+        t_rows = (pid - n_weight_programs).to(tl.int64) * TAIL_ROWS + tl.arange(0, TAIL_ROWS)
+        t_cols = tl.arange(0, TAIL_W)
+        t_in_rows = (t_rows < tail_rows)[:, None]
+        t_from_b = ((t_cols >= tail_col0) & (t_cols < tail_col0 + tail_cols))[None, :]
+        t_vals = tl.load(TAIL + t_rows[:, None] * tail_cols + (t_cols - tail_col0)[None, :],
+                         mask=t_in_rows & t_from_b, other=0.0).to(tl.float32)
+        tl.store(OUT + t_rows[:, None] * out_stride + ROW + t_cols[None, :], cast_out(t_vals, OUT.dtype.element_ty),
+                 mask=t_in_rows & (t_cols < tail_width)[None, :])
     else:
-        scale = tl.load(ABSMAX + blk, mask=mask, other=0.0).to(tl.float32)
-    hi = tl.load(CODE + (byte >> 4)) * scale
-    lo = tl.load(CODE + (byte & 15)) * scale
-    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # (hi0, lo0, hi1, lo1, ...): element order
-    o = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    dst = o if ROW == 0 else (o // ROW) * out_stride + o % ROW
-    tl.store(OUT + dst, cast_out(vals, OUT.dtype.element_ty), mask=o < n_out)
+        # BLOCK packed bytes (2 * BLOCK outputs) per program
+        b = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = b < n_bytes
+        byte = tl.load(A + b, mask=mask, other=0).to(tl.int32)
+        blk = (2 * b) // BLOCKSIZE  # both nibbles of a byte share a block (BLOCKSIZE is even)
+        if NESTED:
+            q = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=mask, other=0.0)
+            scale = scale + tl.load(OFFSET)
+        else:
+            scale = tl.load(ABSMAX + blk, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(CODE + (byte >> 4)) * scale
+        lo = tl.load(CODE + (byte & 15)) * scale
+        vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # (hi0, lo0, hi1, lo1, ...): element order
+        o = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        dst = o if ROW == 0 else (o // ROW) * out_stride + o % ROW
+        tl.store(OUT + dst, cast_out(vals, OUT.dtype.element_ty), mask=o < n_out)
 
 
 _dequant = Launcher(_dequant_4bit_kernel)  # a QLoRA step makes ~640 of these launches
@@ -82,48 +97,108 @@ def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     `shape` and `dtype`, contiguous rows (stride 1 along the last dimension) at any row stride (a column
     slice of a wider buffer).
     """
-    n_out = 1
-    for s in shape:
-        n_out *= int(s)
-    raw = data.view(torch.uint8) if data.dtype != torch.uint8 else data
-    if not raw.is_contiguous():
-        raise ValueError(f"dequantize_4bit: packed data must be contiguous, got strides {tuple(data.stride())}")
-    n_bytes = (n_out + 1) // 2
-    if raw.numel() < n_bytes or blocksize % 2 or blocksize & (blocksize - 1):
-        raise ValueError(f"dequantize_4bit: {raw.numel()} packed bytes for {n_out} values, blocksize {blocksize} "
-                         f"(needs >= {n_bytes} bytes and an even power-of-two blocksize)")
-    row, out_stride = 0, 0
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=data.device)
-    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != data.device:
-        raise ValueError(f"dequantize_4bit: out is {tuple(out.shape)} {out.dtype} on {out.device}, the weight "
-                         f"{tuple(shape)} {dtype} on {data.device}")
-    elif not out.is_contiguous():
-        if out.dim() != 2 or out.stride(1) != 1 or out.stride(0) < out.shape[1]:
-            raise ValueError(f"dequantize_4bit: out must have contiguous rows (2-D, last stride 1), got strides "
-                             f"{tuple(out.stride())}")
-        row, out_stride = int(out.shape[1]), int(out.stride(0))
-    grid, block, warps = _launch(n_bytes)
-    if nested is not None:
-        absmax2, code2, blocksize2, offset = nested
-        if not torch.is_tensor(offset):
-            offset = torch.tensor(float(offset), dtype=torch.float32, device=data.device)
-        tables, blocksize2 = (absmax2, code2, offset), int(blocksize2)
-    else:
-        tables, blocksize2 = (absmax, code, absmax), 1
-    _dequant(grid, raw, absmax, code, *tables, out, n_bytes, n_out, out_stride, NESTED=nested is not None,
-             BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK=block, ROW=row, num_warps=warps,
-             enable_fp_fusion=False)
-    return out
+    return Dequantizer(data, absmax, code, blocksize=blocksize, shape=shape, dtype=dtype, nested=nested)(out)
 
+
+class Dequantizer:
+    """`dequantize_4bit` of one packed weight with its arguments checked once: `Dequantizer(...)(out=None)`
+    is `dequantize_4bit(..., out=out)`, and after the first call for a given kind of `out` (new, or a column
+    slice of a given row stride) a call costs little more than the kernel launch (a QLoRA step with
+    recomputation dequantizes each base weight three times, ~640 calls for an 8B model). It holds the
+    tensors it was built from: build a new one when the weight or its quantization state is replaced."""
+
+    def __init__(self, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, *, blocksize: int,
+                 shape: tuple[int, ...], dtype: torch.dtype, nested: tuple | None = None):
+        n_out = 1
+        for s in shape:
+            n_out *= int(s)
+        raw = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+        if not raw.is_contiguous():
+            raise ValueError(f"dequantize_4bit: packed data must be contiguous, got strides {tuple(data.stride())}")
+        n_bytes = (n_out + 1) // 2
+        if raw.numel() < n_bytes or blocksize % 2 or blocksize & (blocksize - 1):
+            raise ValueError(f"dequantize_4bit: {raw.numel()} packed bytes for {n_out} values, blocksize "
+                             f"{blocksize} (needs >= {n_bytes} bytes and an even power-of-two blocksize)")
+        if nested is not None:
+            absmax2, code2, blocksize2, offset = nested
+            if not torch.is_tensor(offset):
+                offset = torch.tensor(float(offset), dtype=torch.float32, device=data.device)
+            tables, blocksize2 = (absmax2, code2, offset), int(blocksize2)
+        else:
+            tables, blocksize2 = (absmax, code, absmax), 1
+        self.shape, self.dtype, self.device = tuple(int(s) for s in shape), dtype, data.device
+        self.n_bytes, self.n_out = n_bytes, n_out
+        self.tensors = (raw, absmax, code, *tables)
+        grid, block, warps = _launch(n_bytes)
+        self.grid = grid
+        self.meta = dict(NESTED=nested is not None, BLOCKSIZE=int(blocksize), BLOCKSIZE2=blocksize2, BLOCK=block,
+                         num_warps=warps, enable_fp_fusion=False)
+        self._launches: dict = {}  # (device, ROW, out row stride, out 16-byte aligned) -> fn(grid, args, device)
+
+    def __call__(self, out: torch.Tensor | None = None, tail: tuple | None = None) -> torch.Tensor:
+        """The weight, into `out` when given. `tail = (b, col, width)`, with `out` a column slice of a
+        wider buffer: also write the `width` columns that follow `out` in each of its rows, zeros but
+        `b` (rows x r, contiguous, any float dtype, cast) in columns col .. col + r - 1 of them (the
+        [W | B_pad] operand of distsft_kernels.lora_projections, in the same launch as W)."""
+        row = out_stride = 0
+        if out is None:
+            if tail is not None:
+                raise ValueError("dequantize_4bit: tail= needs out= (a column slice of the wider buffer)")
+            out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        elif out.shape != self.shape or out.dtype != self.dtype or out.device != self.device:
+            raise ValueError(f"dequantize_4bit: out is {tuple(out.shape)} {out.dtype} on {out.device}, the weight "
+                             f"{self.shape} {self.dtype} on {self.device}")
+        elif not out.is_contiguous() or tail is not None:
+            if out.dim() != 2 or out.stride(1) != 1 or out.stride(0) < out.shape[1]:
+                raise ValueError(f"dequantize_4bit: out must have contiguous rows (2-D, last stride 1), got "
+                                 f"strides {tuple(out.stride())}")
+            row, out_stride = self.shape[1], out.stride(0)
+        grid, tail_args, tail_meta = self.grid, (self.tensors[0], 0, 0, 0, 0, 0), (False, 1, 1)
+        if tail is not None:
+            b, col, width = tail
+            rows, cols = self.shape[0], b.shape[-1]
+            if (b.dim() != 2 or b.shape[0] != rows or not b.is_contiguous() or not b.is_floating_point()
+                    or b.device != self.device or col < 0 or col + cols > width or row + width > out_stride):
+                raise ValueError(f"dequantize_4bit: tail {tuple(b.shape)} {b.dtype} at column {col} of {width} "
+                                 f"(needs a contiguous float ({rows}, r) tensor on {self.device} and col + r <= "
+                                 f"width <= out's row stride {out_stride} - {row})")
+            tail_w = next_pow2(width)
+            tail_rows = max(1, min(64, 4096 // tail_w))
+            tail_args = (b, rows, cols, int(col), int(width), grid[0])
+            tail_meta = (True, tail_rows, tail_w)
+            grid = (grid[0] + cdiv(rows, tail_rows),)
+        args = (*self.tensors, out, self.n_bytes, self.n_out, out_stride, *tail_args)
+        device = _get_device() if out.is_cuda else None
+        key = (device, row, out_stride, not out.data_ptr() & 15, tail_meta,
+               tail and (tail_args[0].dtype, not tail_args[0].data_ptr() & 15, *tail_args[1:5]))
+        launch = self._launches.get(key)
+        if launch is None:
+            meta = dict(self.meta, ROW=row, HAS_TAIL=tail_meta[0], TAIL_ROWS=tail_meta[1], TAIL_W=tail_meta[2])
+            _dequant(grid, *args, **meta)
+            self._launches[key] = _dequant.direct(args, meta) or functools.partial(_launch_with, meta)
+        else:
+            launch(grid, args, device)
+        return out
+
+    @classmethod
+    def from_state(cls, data: torch.Tensor, state) -> Dequantizer:
+        """From a bitsandbytes `QuantState`: the weight in `state.dtype`."""
+        return cls(data, state.absmax, state.code, blocksize=state.blocksize, shape=tuple(state.shape),
+                   dtype=state.dtype, nested=_nested(state))
+
+
+def _nested(state) -> tuple | None:
+    if not state.nested:
+        return None
+    s2 = state.state2
+    return (s2.absmax, s2.code, s2.blocksize, state.offset)
+
+
+def _launch_with(meta, grid, args, device) -> None:
+    _dequant(grid, *args, **meta)
 
 
 def dequantize_4bit_state(data: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
     """`dequantize_4bit` from a bitsandbytes `QuantState` (what `bitsandbytes.functional.dequantize_4bit`
     takes): the weight in `state.dtype` (into `out` if given)."""
-    nested = None
-    if state.nested:
-        s2 = state.state2
-        nested = (s2.absmax, s2.code, s2.blocksize, state.offset)
-    return dequantize_4bit(data, state.absmax, state.code, blocksize=state.blocksize, shape=tuple(state.shape),
-                           dtype=state.dtype, nested=nested, out=out)
+    return Dequantizer.from_state(data, state)(out)

@@ -7,7 +7,8 @@ so microseconds here are milliseconds per step.
 
 Rows: Triton's own `kernel[grid](...)`; `Launcher` calling the compiled kernel's runner
 (`compiled[grid](...)`); `Launcher` calling the C launcher directly (kernels/_common.py); the whole
-`dequantize_4bit(..., out=)` (argument checks, then the launch); and `torch.empty` / `Tensor.add_`.
+`dequantize_4bit(..., out=)` (argument checks, then the launch); a `Dequantizer` built once and called
+with `out` (what distsft's 4-bit layers do); and `torch.empty` / `Tensor.add_`.
 """
 
 from __future__ import annotations
@@ -70,12 +71,16 @@ def main() -> None:
     C._c_ok = c_ok
     direct = C.Launcher(kernel)
     direct(grid, *largs, **meta)
+    deq = D.Dequantizer(data, absmax, code, **call)
+    deq(out)
     x = torch.ones(16, device="cuda")
     table = [
         ("Triton kernel[grid](...)", lambda: kernel[grid](*largs, **meta)),
         ("Launcher, compiled[grid](...)", lambda: runner(grid, *largs, **meta)),
         ("Launcher, C launcher" + ("" if c_ok else " (unavailable: runner)"), lambda: direct(grid, *largs, **meta)),
-        ("dequantize_4bit(..., out=)", lambda: D.dequantize_4bit(data, absmax, code, **call, out=out)),
+        ("dequantize_4bit(..., out=) (arguments checked per call)",
+         lambda: D.dequantize_4bit(data, absmax, code, **call, out=out)),
+        ("Dequantizer(...)(out) (checked once, launch kept)", lambda: deq(out)),
         ("torch.empty(16)", lambda: torch.empty(16, device="cuda")),
         ("Tensor.add_(1)", lambda: x.add_(1)),
     ]

@@ -467,8 +467,8 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours):
     assert report.counts["lora"] == 7 * model.config.num_hidden_layers
     calls = []
     if K.HAS_TRITON:
-        real = K.dequantize_4bit_state
-        monkeypatch.setattr(K, "dequantize_4bit_state", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        real = K.Dequantizer.__call__
+        monkeypatch.setattr(K.Dequantizer, "__call__", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     results = []
     for m in (model, peft_ref):
@@ -485,3 +485,34 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours):
     # normed) needs no gradient; no recompute here
     expected = 14 * model.config.num_hidden_layers - 3 if ours and K.HAS_TRITON else 0
     assert len(calls) == expected
+
+
+def test_cached_dequantizer_follows_a_replaced_4bit_weight(run):
+    """The fused path keeps one Dequantizer per 4-bit layer (its arguments checked once). Replacing the
+    layer's weight (another quantized tensor, its own quant state) must not dequantize the old one."""
+    import bitsandbytes as bnb
+    import distsft_kernels as K
+    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
+
+    from distsft.patching import _dequantize_4bit, _Spec
+
+    if not K.HAS_TRITON:
+        pytest.skip("no Triton: bitsandbytes dequantizes, nothing is cached")
+    tmp, _, _ = run
+    base = _quantized_base(tmp)
+    layer = next(m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
+    spec = _Spec("auto", activation="lora", dequantize_4bit=True)
+    w = layer.weight
+    first = _dequantize_4bit(layer, spec)
+    assert torch.equal(first, bnb_dequantize(w.data, w.quant_state).to(first.dtype))
+    assert "_distsft_dequantizer" in layer.__dict__
+    wide = torch.zeros(first.shape[0], first.shape[1] + 8, dtype=first.dtype)
+    assert torch.equal(_dequantize_4bit(layer, spec, out=wide[:, :first.shape[1]]), first)  # the cached one
+    # a different weight of the same shape, quantized on its own
+    other = bnb.nn.Params4bit(torch.randn(first.shape) * 3, requires_grad=False, quant_type=w.quant_type,
+                              compress_statistics=w.compress_statistics, blocksize=w.blocksize,
+                              quant_storage=w.quant_storage)._quantize(w.device)
+    layer.weight = other
+    second = _dequantize_4bit(layer, spec)
+    assert torch.equal(second, bnb_dequantize(other.data, other.quant_state).to(second.dtype))
+    assert not torch.equal(second, first)

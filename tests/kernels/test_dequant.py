@@ -85,6 +85,47 @@ def test_into_the_columns_of_a_wider_buffer(device, shape, extra):
     assert (wide[:, shape[1]:] == 7).all()
 
 
+@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,ranks,width", [((123, 70), (4, 4, 4), 12), ((64, 256), (16, 16), 40),
+                                               ((300, 130), (8,), 8), ((200, 64), (3, 5), 13)])
+def test_tail_writes_the_b_columns_in_the_same_launch(device, shape, ranks, width, b_dtype):
+    """`Dequantizer(...)(out, tail=(b, col, width))`: W into the first columns of [W | B_pad], and the
+    `width` columns after it zeros but b (cast) in its own, for each projection of a group; the buffer's
+    columns past `width` untouched. Called twice per projection: the first launch compiles and records the
+    direct launch, the second takes it."""
+    _, data, state = _quantize(shape, torch.bfloat16, "nf4", True, 64, device)
+    deq = K.Dequantizer.from_state(data, state)
+    expected_w = K.dequantize_4bit_state(data, state)
+    for i, r in enumerate(ranks):
+        col = sum(ranks[:i])
+        b = torch.randn(shape[0], r, device=device).to(b_dtype)
+        wide = torch.full((shape[0], shape[1] + width + 3), 7.0, dtype=torch.bfloat16, device=device)
+        for _ in range(2):
+            wide[:, :shape[1] + width] = float("nan")
+            got = deq(wide[:, :shape[1]], tail=(b, col, width))
+            assert got.data_ptr() == wide.data_ptr()
+            assert torch.equal(wide[:, :shape[1]], expected_w)
+            expected_tail = torch.zeros(shape[0], width, dtype=torch.bfloat16, device=device)
+            expected_tail[:, col:col + r] = b.to(torch.bfloat16)
+            assert torch.equal(wide[:, shape[1]:shape[1] + width], expected_tail), (i, r)
+            assert (wide[:, shape[1] + width:] == 7).all()
+
+
+def test_bad_tail_is_named(device):
+    _, data, state = _quantize((16, 64), torch.bfloat16, "nf4", False, 64, device)
+    deq = K.Dequantizer.from_state(data, state)
+    wide = torch.empty(16, 80, dtype=torch.bfloat16, device=device)
+    b = torch.randn(16, 4, device=device)
+    with pytest.raises(ValueError, match="needs out="):
+        deq(tail=(b, 0, 16))
+    with pytest.raises(ValueError, match=r"tail \(16, 4\)"):
+        deq(wide[:, :64], tail=(b, 14, 16))  # past the tail's width
+    with pytest.raises(ValueError, match="row stride"):
+        deq(wide[:, :64], tail=(b, 0, 20))  # past the buffer's row
+    with pytest.raises(ValueError, match=r"tail \(8, 4\)"):
+        deq(wide[:, :64], tail=(b[:8], 0, 16))
+
+
 def test_bad_out_is_named(device):
     _, data, state = _quantize((16, 64), torch.bfloat16, "nf4", False, 64, device)
     wide = torch.empty(16, 80, dtype=torch.bfloat16, device=device)
@@ -118,3 +159,12 @@ def test_llama_8b_mlp_weight_on_gpu(cuda):
     for _ in range(2):  # the row-strided variant: compiled, then launched directly
         K.dequantize_4bit_state(data, state, out=wide[:, :4096])
         assert torch.equal(wide[:, :4096], expected) and not wide[:, 4096:].any()
+    deq, b = K.Dequantizer.from_state(data, state), torch.randn(14336, 16, device=cuda)
+    for col in (16, 16, 0):  # [W | B_pad] with B in the second or the first 16 of 32 columns, launched directly
+        wide.fill_(float("nan"))
+        deq(wide[:, :4096], tail=(b, col, 32))
+        assert torch.equal(wide[:, :4096], expected)
+        assert torch.equal(wide[:, 4096 + col:4096 + col + 16], b.to(torch.bfloat16))
+        zeros = wide[:, 4096:4096 + 32].clone()
+        zeros[:, col:col + 16] = 0
+        assert not zeros.any()
