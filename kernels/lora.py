@@ -5,24 +5,26 @@ For projections i = 1..n of one input x (N, d_in) in the compute dtype, frozen W
 optional frozen bias b_i, trainable fp32 A_i (r_i, d_in), B_i (d_out_i, r_i), scaling s_i:
 
 Forward:
-    A    = cat_i A_i                       (R, d_in), R = sum r_i, cast to the compute dtype
-    mid  = x @ A^T                         (N, R)        one GEMM for the whole group (one read of x)
+    A    = cat_i A_i                       (R, d_in), R = sum r_i, in the compute dtype (B_i too): one
+                                           cast-and-concatenate launch for the group's adapters (kernels/cast.py)
+    mid  = [s_i x @ A_i^T]                 (N, R)        one GEMM for the whole group (one read of x), each
+                                                         s_i applied to the fp32 accumulator (alpha, beta=0)
     y_i  = x @ W_i^T + b_i                 (N, d_out_i)  the base GEMM
-    y_i += s_i mid_i @ B_i^T               in place: a K=r_i GEMM with beta=1, alpha=s_i, no (N, d_out) temporary
+    y_i += mid_i @ B_i^T                   in place: a K=r_i GEMM with beta=1, no (N, d_out) temporary
   or, where W_i is dequantized on demand (4-bit) and the group's outputs are wider than x (q/k/v, gate/up):
-    y_i  = [x | s mid] @ [W_i | B_pad_i]^T one GEMM with K = d_in + R: W_i dequantized into the first d_in
-                                           columns, B_i in its own r_i of the last R (zeros elsewhere), so
+    y_i  = [x | mid] @ [W_i | B_pad_i]^T   one GEMM with K = d_in + R: W_i dequantized into the first d_in
+                                           columns, B_i in its own r_i of the last R (zeros elsewhere; a
+                                           callable with `writes_tail` writes them in W's launch), so
                                            the K=r_i GEMM's read and write of every output are gone for one
                                            copy of x (an 8B gate/up projection at 4,096 tokens on an H100:
                                            608 + 128 us as two GEMMs, 627 + 27/2 us this way)
   or, where the base is not a plain weight (a 4-bit bitsandbytes layer computes y0_i itself):
-    y_i  = y0_i + s_i mid_i @ B_i^T
+    y_i  = y0_i + mid_i @ B_i^T
   and with a residual r_i given (the o and down projections of a pre-norm decoder layer), y_i + r_i: the
   base GEMM reads r_i in its epilogue (beta=1) instead of a separate add reading and writing the sum.
-Backward (g_i = dL/dy_i, N x d_out_i):
-    gmid_i = s_i g_i @ B_i                 (N, r_i)        with one s for the group: s applied in dx's and
-                                                           dA's GEMMs instead
-    dB_i   = s_i * g_i^T @ mid_i           (d_out_i, r_i)  fp32 output
+Backward (g_i = dL/dy_i, N x d_out_i); mid and gmid carry the scalings, so no gradient needs its own:
+    gmid_i = s_i g_i @ B_i                 (N, r_i)        s_i in the GEMM's epilogue, into gmid's columns
+    dB_i   = g_i^T @ mid_i                 (d_out_i, r_i)  fp32 output
     dA     = gmid^T @ x                    (R, d_in)       fp32 output, split per projection
     dx     = gmid @ A + sum_i g_i @ W_i    (N, d_in)       each base GEMM accumulates in place (beta=1)
     dy0_i  = g_i                           (4-bit bases: their own autograd adds g_i @ W_i)
@@ -33,11 +35,13 @@ What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per pro
 (saved for backward), the update computed and added in fp32, and a cast back: three to five extra passes
 over (N, d_out) and an (N, d_in) fp32 tensor kept alive until backward, times seven projections per layer.
 
-Numerics: the update is computed from bf16-rounded A, B and mid with fp32 accumulation (s applied in fp32)
-and added to the rounded base output (one rounding each); in the [x | s mid] path base and update share
-one fp32 accumulator and one rounding, with s mid rounded to bf16 first (exact when s is a power of two,
-as for alpha = 2r). peft rounds only the sum. In fp32 both are exact to rounding.
-`lora_projections_ref` is peft's arithmetic, the tests' reference.
+Numerics: mid = s x A^T is rounded once to the compute dtype from its fp32 accumulator, A and B are
+bf16-rounded, the update is accumulated in fp32 and added to the rounded base output (one rounding each);
+in the [x | mid] path base and update share one fp32 accumulator and one rounding. peft keeps x A^T in
+fp32 (for fp32 adapters) and rounds only the sum, so its A and B gradients are somewhat more accurate:
+tests/kernels/test_lora.py bounds ours against peft's with bf16 adapters (the same GEMM precision) by
+the kernel rule and against peft's fp32-adapter arithmetic within 3x of its error. In fp32 both are exact
+to rounding. `lora_projections_ref` is peft's arithmetic, the tests' reference.
 """
 
 from __future__ import annotations
@@ -62,6 +66,30 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
+try:  # one launch for a group's adapter casts where Triton runs (kernels/cast.py); torch ops elsewhere
+    from ._common import triton_can_run as _triton_can_run
+    from .cast import MAX_TENSORS as _MAX_CAST
+    from .cast import cast_concat as _cast_concat
+except ImportError:  # no Triton on this platform
+    _cast_concat = None
+
+
+def _adapters(lora_a, lora_b, dt: torch.dtype, with_b: bool):
+    """(A = cat_i A_i (R, d_in), [B_i] or None) in the compute dtype: one cast-and-concatenate launch where
+    Triton runs and a cast is needed, else torch's cat and casts."""
+    ts = [*lora_a, *lora_b] if with_b else list(lora_a)
+    if (_cast_concat is not None and len(ts) <= _MAX_CAST and any(t.dtype != dt for t in ts)
+            and _triton_can_run(ts[0]) and all(t.is_contiguous() for t in ts)):
+        flat = _cast_concat(ts, dt)  # row-major tensors end to end: A_1..A_n are cat_i A_i
+        off = sum(a.numel() for a in lora_a)
+        a_cat, b_c = flat[:off].view(-1, lora_a[0].shape[1]), []
+        for b in lora_b if with_b else ():
+            b_c.append(flat[off:off + b.numel()].view(b.shape))
+            off += b.numel()
+        return a_cat, (b_c if with_b else None)
+    return _cat(lora_a).to(dt), ([b.to(dt) for b in lora_b] if with_b else None)
+
+
 def _cat(ts) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
@@ -70,21 +98,49 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base_outs, residuals, lora_a, lora_b):
-    """The outputs (..., d_out_i) and what the backward reads: (outs, mid, a_cat, b_c, kept weights)."""
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """s * (a @ b) in a's dtype, s applied to the fp32 accumulator (one rounding, no separate scaling
+    kernel), into `out` (any (n, m) view with unit last stride) when given."""
+    if out is None:
+        if s == 1.0:
+            return torch.mm(a, b)
+        out = a.new_empty(a.shape[0], b.shape[1])
+    return out.addmm_(a, b, beta=0, alpha=s)  # beta=0: out's values are never read
+
+
+def _scaled_products(a: torch.Tensor, b: torch.Tensor, scalings, ranks) -> torch.Tensor:
+    """[s_1 a @ b_1 | ... | s_n a @ b_n] (N, R) for a (N, K) and b = [b_1 | ... | b_n] (K, R): one GEMM
+    where the scalings agree (the usual case: one adapter, one rank), else one per projection into its
+    columns."""
+    if len(set(scalings)) == 1:
+        return _scaled_mm(a, b, scalings[0])
+    out, off = a.new_empty(a.shape[0], b.shape[1]), 0
+    for v, r in zip(scalings, ranks, strict=True):
+        _scaled_mm(a, b[:, off:off + r], v, out=out[:, off:off + r])
+        off += r
+    return out
+
+
+def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base_outs, residuals, lora_a, lora_b,
+             for_backward: bool = True):
+    """The outputs (..., d_out_i) and what the backward reads: (outs, mid, a_cat, b_c, kept weights), where
+    mid = [s_i x A_i^T] (N, R) carries the scalings (applied in its GEMM's fp32 epilogue), so that neither
+    the update nor any gradient needs a scaling of its own. b_c (the B_i cast to the compute dtype) only
+    where `for_backward`."""
     dt = x.dtype
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-    # A cast once for the group, B cast and its scaling applied in the GEMMs' epilogues (alpha) or in the
-    # [W | B] columns: the fewest small ops per call (this runs three times per layer and step with recomputation)
-    a_cat = _cat(lora_a).to(dt)  # (R, d_in)
-    mid = x2 @ a_cat.t()  # (N, R)
-    if _concat_k(weights, scalings, [b.shape[0] for b in lora_b], x2.shape[1], values_unused):
-        outs, b_c, kept = _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, scalings[0],
-                                            keep_dequantized)
+    concat_k = _concat_k(weights, [b.shape[0] for b in lora_b], x2.shape[1], values_unused)
+    # B in the compute dtype: read by the per-projection GEMMs, and by the backward (the [x | mid] path
+    # takes B's fp32 values into its [W | B_pad] buffer directly)
+    a_cat, b_c = _adapters(lora_a, lora_b, dt, with_b=for_backward or not concat_k)  # (R, d_in), [B_i]
+    ranks = [a.shape[0] for a in lora_a]
+    mid = _scaled_products(x2, a_cat.t(), scalings, ranks)  # (N, R)
+    if concat_k:
+        outs, kept = _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized)
     else:
-        outs, b_c, kept = _forward_each(x2, mid, weights, biases, base_outs, residuals, lora_b, scalings,
-                                        values_unused, keep_dequantized)
-    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs], mid, a_cat, b_c, kept
+        outs, kept = _forward_each(x2, mid, weights, biases, base_outs, residuals, b_c, values_unused,
+                                   keep_dequantized)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs], mid, a_cat, b_c or [], kept
 
 
 class _LoRAProjections(torch.autograd.Function):
@@ -110,21 +166,16 @@ class _LoRAProjections(torch.autograd.Function):
         n = len(ctx.scalings)
         x, mid, a_cat, *rest = ctx.saved_tensors
         b_c, weights = rest[:n], iter(rest[n:])
-        scalings = ctx.scalings
         x2 = x.reshape(-1, x.shape[-1])
         g2 = [g.reshape(-1, g.shape[-1]) for g in grads]  # (N, d_out_i)
-        # gmid_i = s_i g_i @ B_i. One scaling for the whole group (the usual case: one adapter, one rank):
-        # gmid is kept unscaled and s applied where it is consumed (alpha of the dx GEMM, the small dA).
-        s = scalings[0] if all(v == scalings[0] for v in scalings) else None
-        gmids = [g @ b if s is not None else (g @ b).mul_(v) for g, b, v in zip(g2, b_c, scalings, strict=True)]
-        gmid = torch.cat(gmids, dim=1) if n > 1 else gmids[0]  # (N, R)
+        # gmid = [s_i g_i @ B_i] (N, R), scaled in the GEMMs' epilogues like mid; then no gradient needs a
+        # scaling of its own: dB_i = g_i^T @ mid_i, dA = gmid^T @ x, dx += gmid @ A
+        gmid = _scaled_products_each(g2, b_c, ctx.scalings, ctx.ranks)
         grad_b, off = [], 0
         for i, r in enumerate(ctx.ranks):
-            grad_b.append(_mm_f32(g2[i].t(), mid[:, off:off + r]).mul_(scalings[i]))  # (d_out_i, r_i)
+            grad_b.append(_mm_f32(g2[i].t(), mid[:, off:off + r]))  # (d_out_i, r_i)
             off += r
         grad_a_cat = _mm_f32(gmid.t(), x2)  # (R, d_in)
-        if s is not None and s != 1.0:
-            grad_a_cat.mul_(s)
         grad_a = list(grad_a_cat.split(ctx.ranks)) if n > 1 else [grad_a_cat]
         grad_a = [_as(g, dt_a) for g, (dt_a, _) in zip(grad_a, ctx.adapter_dtypes, strict=True)]
         grad_b = [_as(g, dt_b) for g, (_, dt_b) in zip(grad_b, ctx.adapter_dtypes, strict=True)]
@@ -135,13 +186,22 @@ class _LoRAProjections(torch.autograd.Function):
                     w = ctx.weight_fns[i]() if ctx.weight_fns[i] is not None else next(weights)
                     # += g_i @ W_i, in the GEMM's epilogue
                     grad_x = torch.mm(g2[i], w) if grad_x is None else grad_x.addmm_(g2[i], w)
-            alpha = 1.0 if s is None else s
-            grad_x = (torch.mm(gmid, a_cat).mul_(alpha) if grad_x is None
-                      else grad_x.addmm_(gmid, a_cat, alpha=alpha))  # + gmid @ A
+            grad_x = torch.mm(gmid, a_cat) if grad_x is None else grad_x.addmm_(gmid, a_cat)  # + gmid @ A
             grad_x = grad_x.view_as(x)
         grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
         grad_r = [grads[i] if ctx.has_residual[i] else None for i in range(n)]
         return (grad_x, None, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_r, *grad_a, *grad_b)
+
+
+def _scaled_products_each(gs, bs, scalings, ranks) -> torch.Tensor:
+    """[s_1 g_1 @ b_1 | ... | s_n g_n @ b_n] (N, R): each projection's GEMM writes its own columns."""
+    if len(gs) == 1:
+        return _scaled_mm(gs[0], bs[0], scalings[0])
+    out, off = gs[0].new_empty(gs[0].shape[0], sum(ranks)), 0
+    for g, b, v, r in zip(gs, bs, scalings, ranks, strict=True):
+        _scaled_mm(g, b, v, out=out[:, off:off + r])
+        off += r
+    return out
 
 
 def _base(x2, w, bias, residual):
@@ -152,12 +212,11 @@ def _base(x2, w, bias, residual):
     return y if bias is None else y.add_(bias)
 
 
-def _forward_each(x2, mid, weights, biases, base_outs, residuals, lora_b, scalings, values_unused: bool,
+def _forward_each(x2, mid, weights, biases, base_outs, residuals, b_c, values_unused: bool,
                   keep_dequantized: bool):
-    """y_i = x @ W_i^T + b_i (+ r_i), then += s_i mid_i @ B_i^T in place (a K=r_i GEMM with beta=1), per
-    projection. Returns (outputs (N, d_out_i), the casted B_i for backward, the kept dequantized weights)."""
+    """y_i = x @ W_i^T + b_i (+ r_i), then += mid_i @ B_i^T in place (a K=r_i GEMM with beta=1), per
+    projection, B_i in the compute dtype (b_c). Returns (outputs (N, d_out_i), the kept dequantized weights)."""
     dt = x2.dtype
-    b_c = [b.to(dt) for b in lora_b]  # (d_out_i, r_i)
     outs, kept, off = [], {}, 0
     for i, b in enumerate(b_c):
         r = b.shape[1]
@@ -171,44 +230,49 @@ def _forward_each(x2, mid, weights, biases, base_outs, residuals, lora_b, scalin
             if keep_dequantized and callable(weights[i]):
                 kept[i] = w
             del w
-            y.addmm_(mid_i, b.t(), alpha=scalings[i])
+            y.addmm_(mid_i, b.t())
         else:
             y0 = base_outs[i].reshape(-1, b.shape[0]).to(dt)
             if residuals[i] is not None:
                 y0 = y0 + residuals[i].reshape(-1, b.shape[0])
-            y = torch.addmm(y0, mid_i, b.t(), alpha=scalings[i])
+            y = torch.addmm(y0, mid_i, b.t())
         outs.append(y)
-    return outs, b_c, kept
+    return outs, kept
 
 
-def _concat_k(weights, scalings, d_outs, d_in: int, values_unused: bool) -> bool:
-    """Whether to run each projection as one GEMM over [x | s mid] and [W_i | B_pad_i] (module docstring):
+def _concat_k(weights, d_outs, d_in: int, values_unused: bool) -> bool:
+    """Whether to run each projection as one GEMM over [x | mid] and [W_i | B_pad_i] (module docstring):
     weights dequantized on demand (they are written into a fresh buffer anyway, so the B columns cost
-    nothing), one scaling, and the group's outputs wider than its input (the K=r GEMM's pass over every
-    output is what this removes; building [x | s mid] costs one pass over x)."""
-    return (not values_unused and all(callable(w) for w in weights) and len(set(scalings)) == 1
-            and sum(d_outs) > d_in)
+    nothing), and the group's outputs wider than its input (the K=r GEMM's pass over every output is what
+    this removes; building [x | mid] costs one pass over x)."""
+    return not values_unused and all(callable(w) for w in weights) and sum(d_outs) > d_in
 
 
-def _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, s: float, keep_dequantized: bool):
-    """y_i = [x | s mid] @ [W_i | B_pad_i]^T (+ b_i) for every projection of the group, where B_pad_i is
-    B_i in its own r_i columns of R and zeros in the others: the base and the update in one GEMM, one
-    rounding. Returns (outputs, the casted B_i for backward, the kept dequantized weights)."""
-    dt, d_in = x2.dtype, x2.shape[1]
-    x_ext = torch.cat([x2, mid if s == 1.0 else mid * s], dim=1)  # (N, d_in + R)
-    b_pad = torch.block_diag(*lora_b).to(dt)  # (sum d_out_i, R)
-    b_c, outs, kept, row, col = [], [], {}, 0, 0
+def _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized: bool):
+    """y_i = [x | mid] @ [W_i | B_pad_i]^T (+ b_i) for every projection of the group, where B_pad_i is B_i
+    in its own r_i columns of R and zeros in the others: the base and the update in one GEMM, one rounding.
+    A callable with `writes_tail` fills the B columns in the same launch as W (`fn(out=, tail=(B_i, col,
+    R))`); for any other, they are written here. Returns (outputs, the kept dequantized weights)."""
+    d_in = x2.shape[1]
+    x_ext = torch.cat([x2, mid], dim=1)  # (N, d_in + R)
+    width = mid.shape[1]
+    outs, kept, col = [], {}, 0
     for i, b in enumerate(lora_b):
         d_out, r = b.shape
-        w_ext = x2.new_empty(d_out, x_ext.shape[1])
-        w = weights[i](out=w_ext[:, :d_in])  # dequantized straight into its columns
-        w_ext[:, d_in:].copy_(b_pad[row:row + d_out])
+        w_ext = x2.new_empty(d_out, d_in + width)
+        fn = weights[i]
+        if getattr(fn, "writes_tail", False):  # W dequantized into its columns, B into its own of the last R
+            w = fn(out=w_ext[:, :d_in], tail=(b, col, width))
+        else:
+            w = fn(out=w_ext[:, :d_in])
+            tail = w_ext[:, d_in:]
+            tail.zero_()
+            tail[:, col:col + r].copy_(b)
         outs.append(_base(x_ext, w_ext, biases[i], residuals[i]))
         if keep_dequantized:
             kept[i] = w
-        b_c.append(b_pad[row:row + d_out, col:col + r])
-        row, col = row + d_out, col + r
-    return outs, b_c, kept
+        col += r
+    return outs, kept
 
 
 def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None, residuals=None,
@@ -252,7 +316,7 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
     scalings = tuple(float(s) for s in scalings)
     if not torch.is_grad_enabled():  # nothing to record (a checkpointed layer's first forward): no node
         return tuple(_forward(x, scalings, values_unused, False, weights, biases, base_outs, residuals, lora_a,
-                              lora_b)[0])
+                              lora_b, for_backward=False)[0])
     return _LoRAProjections.apply(x, scalings, bool(values_unused), bool(keep_dequantized), *weights, *biases,
                                   *base_outs, *residuals, *lora_a, *lora_b)
 

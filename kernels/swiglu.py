@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, Launcher, cast_out
+from ._common import INTERPRETED, Launcher, cast_out, cdiv
 
 
 @triton.jit
@@ -76,7 +76,7 @@ _ACTS = {"silu": 0, "gelu_tanh": 1}
 
 def _launch_cfg(n: int) -> tuple[int, int]:
     block = 65536 if INTERPRETED else 1024
-    return block, triton.cdiv(n, block)
+    return block, cdiv(n, block)
 
 
 _launch_fwd, _launch_bwd = Launcher(_glu_fwd_kernel), Launcher(_glu_bwd_kernel)
