@@ -1,5 +1,5 @@
 """Host time per kernel launch on the GPU machine: what one 4-bit dequantization (an 8B projection's row
-width, nested absmax, 13 arguments, few rows so that the GPU keeps up) costs the CPU through each launch
+width, nested absmax, 16 arguments, few rows so that the GPU keeps up) costs the CPU through each launch
 path, against two plain torch ops for scale. A QLoRA step makes ~1,000 Triton launches and is host-bound,
 so microseconds here are milliseconds per step.
 
@@ -60,9 +60,9 @@ def main() -> None:
     D.dequantize_4bit(data, absmax, code, **call, out=out)  # compile; checks the direct paths once
     n_bytes = (n_out + 1) // 2
     grid, block, warps = D._launch(n_bytes)
-    largs = (data, absmax, code, absmax2, code2, nested[3], out, n_bytes, n_out, cols + 32)
-    meta = dict(NESTED=True, BLOCKSIZE=bs, BLOCKSIZE2=bs2, BLOCK=block, ROW=cols, num_warps=warps,
-                enable_fp_fusion=False)
+    largs = (data, absmax, code, absmax2, code2, nested[3], out, n_bytes, n_out, cols + 32, data, 0, 0, 0, 0, 0)
+    meta = dict(NESTED=True, BLOCKSIZE=bs, BLOCKSIZE2=bs2, BLOCK=block, ROW=cols, HAS_TAIL=False, TAIL_ROWS=1,
+                TAIL_W=1, num_warps=warps, enable_fp_fusion=False)
     kernel = D._dequant.kernel
     runner = C.Launcher(kernel)
     c_ok = C._c_ok
