@@ -73,6 +73,7 @@ class _Spec:
     arch: _Arch | None = None
     eager: Callable | None = None
     dequantize_4bit: bool = False  # LoRA layers on 4-bit bases: our dequantization kernel
+    spare_cols: int = 0  # RMSNorm feeding a fused 4-bit LoRA group: room after each output row for its mid
 
 
 @dataclass
@@ -124,7 +125,8 @@ def _rms_norm_forward(self, hidden_states):
     eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
     offset = 1.0 if spec.casting == "gemma" else 0.0
     if _use_triton(spec.backend, hidden_states):
-        return K.rms_norm(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
+        return K.rms_norm(hidden_states, self.weight, eps, offset=offset, casting=spec.casting,
+                          spare_cols=spec.spare_cols)
     return rms_norm_ref(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
 
 
@@ -440,7 +442,8 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
                 seen["lora"].add(name)
         for name, m in hf.named_modules():
             if cfg.rms_norm and _is(m, "RMSNorm", "weight"):
-                _bind(m, _rms_norm_forward, _Spec(cfg.backend, casting=arch.norm_casting), undo)
+                spare = _spare_cols(_logical_name(name), lora_layers, cfg)
+                _bind(m, _rms_norm_forward, _Spec(cfg.backend, casting=arch.norm_casting, spare_cols=spare), undo)
                 seen["rms_norm"].add(_logical_name(name))
             elif cfg.rope and _is(m, "Attention", "q_proj", "k_proj", "v_proj", "o_proj", "head_dim"):
                 eager = getattr(sys.modules[type(m).__module__], "eager_attention_forward", None)
@@ -469,6 +472,30 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
         raise
     logger.info("kernels patched: %s", report)
     return report
+
+
+_NORM_FEEDS = {"input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+               "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj")),  # Llama, Mistral, Qwen
+               "pre_feedforward_layernorm": ("mlp", ("gate_proj", "up_proj"))}  # Gemma 2/3
+"""A decoder layer's norm -> the projection group that reads its output (by HF's module names)."""
+
+
+def _spare_cols(norm_name: str, lora_layers: dict, cfg: KernelsConfig) -> int:
+    """Columns to leave after each row of this norm's output: the rank sum R of the fused LoRA group on
+    4-bit bases that reads it (its [x | mid] operand is then built on the norm's output, no copy of x;
+    kernels/lora.py), where the attention (rope) or MLP (swiglu) forward is ours and calls the group as
+    one. 0 where no such group follows (the columns would go unused; nothing else)."""
+    prefix, _, leaf = norm_name.rpartition(".")
+    if leaf not in _NORM_FEEDS:
+        return 0
+    parent, projs = _NORM_FEEDS[leaf]
+    if not (cfg.rope if parent == "self_attn" else cfg.swiglu):
+        return 0
+    group = [lora_layers.get(f"{prefix}.{parent}.{p}") for p in projs]
+    if any(g is None or g[1] is not None or not _is_4bit(g[0].get_base_layer()) for g in group):
+        return 0
+    key = group[0][0].active_adapters[0]
+    return sum(m.lora_A[key].weight.shape[0] for m, _ in group)
 
 
 def _lora_layers(hf) -> dict[str, tuple]:

@@ -30,6 +30,10 @@ Backward (g_i = dL/dy_i, N x d_out_i); mid and gmid carry the scalings, so no gr
     dy0_i  = g_i                           (4-bit bases: their own autograd adds g_i @ W_i)
     dr_i   = g_i
 
+Where x comes from rms_norm(..., spare_cols >= R) (distsft's norms before q/k/v and gate/up), each of its
+rows is followed by R columns of its own storage: mid is written there and [x | mid] is a view of x's
+storage, with no copy of x (`spare_columns`; the columns are handed to the first call only).
+
 Saved for backward: x (which the caller's graph holds anyway), mid (N x R) and the tiny casted A and B.
 What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per projection an fp32 copy of x
 (saved for backward), the update computed and added in fp32, and a cast back: three to five extra passes
@@ -64,6 +68,49 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError):
             _OUT_DTYPE_MM = False
     return torch.mm(a, b).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spare columns: an input whose rows are followed by room for [x | mid]
+
+
+SPARE_COLS_ATTR = "_distsft_spare_cols"
+"""Set on a tensor made by `with_spare_cols` (rms_norm's `spare_cols`): how many writable columns follow
+each of its rows."""
+
+
+def with_spare_cols(shape, spare: int, dtype, device) -> torch.Tensor:
+    """A tensor of `shape` whose rows (last dim) are each followed by `spare` columns of its own storage
+    that no tensor element covers. Not a view (no autograd view base, its own version counter): writing
+    those columns through another tensor on the same storage leaves this one's values and version as
+    they are."""
+    d = shape[-1]
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    storage = torch.empty(rows * (d + spare), dtype=dtype, device=device).untyped_storage()
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = (d + spare) if i == len(shape) - 2 else strides[i + 1] * shape[i + 1]
+    y = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, tuple(shape), tuple(strides))
+    setattr(y, SPARE_COLS_ATTR, spare)
+    return y
+
+
+def spare_columns(x: torch.Tensor, width: int, claim: bool = False) -> torch.Tensor | None:
+    """For x made by `rms_norm(..., spare_cols >= width)`: the (rows, d + width) matrix of its rows and the
+    `width` spare columns after each, on x's storage (for the fused LoRA's [x | mid]: mid written there,
+    no copy of x), else None. `claim`: the caller keeps what it writes there (a saved mid), so x's spare
+    columns are handed out once: a second reader of x (up_proj after gate_proj where they are not fused
+    into one group) gets None and builds its own [x | mid]."""
+    if getattr(x, SPARE_COLS_ATTR, 0) < width or x.dim() < 2 or x.stride(-1) != 1:
+        return None
+    if claim:
+        setattr(x, SPARE_COLS_ATTR, 0)
+    d, stride = x.shape[-1], x.stride(-2)
+    rows = x.numel() // d if d else 0
+    return torch.empty(0, dtype=x.dtype, device=x.device).set_(
+        x.untyped_storage(), x.storage_offset(), (rows, d + width), (stride, 1))
 
 
 try:  # one launch for a group's adapter casts where Triton runs (kernels/cast.py); torch ops elsewhere
@@ -108,13 +155,14 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | N
     return out.addmm_(a, b, beta=0, alpha=s)  # beta=0: out's values are never read
 
 
-def _scaled_products(a: torch.Tensor, b: torch.Tensor, scalings, ranks) -> torch.Tensor:
+def _scaled_products(a: torch.Tensor, b: torch.Tensor, scalings, ranks, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """[s_1 a @ b_1 | ... | s_n a @ b_n] (N, R) for a (N, K) and b = [b_1 | ... | b_n] (K, R): one GEMM
     where the scalings agree (the usual case: one adapter, one rank), else one per projection into its
-    columns."""
+    columns; into `out` (an (N, R) view with unit last stride) when given."""
     if len(set(scalings)) == 1:
-        return _scaled_mm(a, b, scalings[0])
-    out, off = a.new_empty(a.shape[0], b.shape[1]), 0
+        return _scaled_mm(a, b, scalings[0], out=out)
+    out, off = a.new_empty(a.shape[0], b.shape[1]) if out is None else out, 0
     for v, r in zip(scalings, ranks, strict=True):
         _scaled_mm(a, b[:, off:off + r], v, out=out[:, off:off + r])
         off += r
@@ -134,9 +182,12 @@ def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base
     # takes B's fp32 values into its [W | B_pad] buffer directly)
     a_cat, b_c = _adapters(lora_a, lora_b, dt, with_b=for_backward or not concat_k)  # (R, d_in), [B_i]
     ranks = [a.shape[0] for a in lora_a]
-    mid = _scaled_products(x2, a_cat.t(), scalings, ranks)  # (N, R)
+    # [x | mid] on x's own storage where x came with spare columns (rms_norm's spare_cols): no copy of x
+    x_ext = spare_columns(x, sum(ranks), claim=True) if concat_k else None
+    mid = _scaled_products(x2, a_cat.t(), scalings, ranks,
+                           out=None if x_ext is None else x_ext[:, x2.shape[1]:])  # (N, R)
     if concat_k:
-        outs, kept = _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized)
+        outs, kept = _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized, x_ext)
     else:
         outs, kept = _forward_each(x2, mid, weights, biases, base_outs, residuals, b_c, values_unused,
                                    keep_dequantized)
@@ -248,13 +299,16 @@ def _concat_k(weights, d_outs, d_in: int, values_unused: bool) -> bool:
     return not values_unused and all(callable(w) for w in weights) and sum(d_outs) > d_in
 
 
-def _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized: bool):
+def _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized: bool,
+                      x_ext: torch.Tensor | None = None):
     """y_i = [x | mid] @ [W_i | B_pad_i]^T (+ b_i) for every projection of the group, where B_pad_i is B_i
     in its own r_i columns of R and zeros in the others: the base and the update in one GEMM, one rounding.
     A callable with `writes_tail` fills the B columns in the same launch as W (`fn(out=, tail=(B_i, col,
-    R))`); for any other, they are written here. Returns (outputs, the kept dequantized weights)."""
+    R))`); for any other, they are written here. `x_ext`: [x | mid] already in place (x's spare columns).
+    Returns (outputs, the kept dequantized weights)."""
     d_in = x2.shape[1]
-    x_ext = torch.cat([x2, mid], dim=1)  # (N, d_in + R)
+    if x_ext is None:  # else x's rows with mid already written after them
+        x_ext = torch.cat([x2, mid], dim=1)  # (N, d_in + R)
     width = mid.shape[1]
     outs, kept, col = [], {}, 0
     for i, b in enumerate(lora_b):

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import Launcher, cast_out, num_programs, row_block
+from .lora import with_spare_cols
 
 
 @triton.jit
@@ -128,16 +129,19 @@ def _bwd_config(n_rows: int, n_cols: int, need_dw: bool, n_sms: int) -> tuple[in
 _launch_fwd, _launch_bwd = Launcher(_rms_norm_fwd_kernel), Launcher(_rms_norm_bwd_kernel)
 
 
-def rms_norm_forward(x, weight, eps: float, offset: float, gemma: bool):
+def rms_norm_forward(x, weight, eps: float, offset: float, gemma: bool, spare_cols: int = 0):
     """Launch the forward. Returns (y with x's shape, x as (rows, d), rstd (rows,) fp32)."""
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
     out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: callers may rotate it in place
+    if spare_cols:
+        y = with_spare_cols(x.shape, spare_cols, out_dtype, x.device)
+    else:
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: callers may rotate it in place
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     grid, block_n, block_m, warps = _fwd_config(n_rows, n_cols)
     _launch_fwd(
-        (grid,), x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), n_cols, eps, offset,
+        (grid,), x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), n_cols + spare_cols, eps, offset,
         GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return y, x2, rstd
@@ -162,8 +166,8 @@ def rms_norm_backward(dy, x2, weight, rstd, offset: float, gemma: bool, need_dw:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, gemma):
-        y, x2, rstd = rms_norm_forward(x, weight, eps, offset, gemma)
+    def forward(ctx, x, weight, eps, offset, gemma, spare_cols=0):
+        y, x2, rstd = rms_norm_forward(x, weight, eps, offset, gemma, spare_cols)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
         return y
@@ -173,17 +177,26 @@ class RMSNormFunction(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[1]
         dx, dw = rms_norm_backward(dy, x2, weight, rstd, ctx.offset, ctx.gemma, need_dw)
-        return dx.view(ctx.x_shape), dw, None, None, None
+        return dx.view(ctx.x_shape), dw, None, None, None, None
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0, casting: str = "llama"
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0, casting: str = "llama",
+    spare_cols: int = 0,
 ) -> torch.Tensor:
-    """RMSNorm over the last dim. Llama: `rms_norm(x, w, eps)`; Gemma: `offset=1.0, casting="gemma"`."""
+    """RMSNorm over the last dim. Llama: `rms_norm(x, w, eps)`; Gemma: `offset=1.0, casting="gemma"`.
+
+    `spare_cols` > 0: each output row is followed by that many columns of the output's storage that no
+    element covers (the output is row-strided, not a view): `spare_columns(y, width)` hands them to the
+    next op, the fused LoRA projections (kernels/lora.py), which write their rank-R input projection there instead of
+    copying y into a wider [y | mid] buffer."""
     if casting not in ("llama", "gemma"):
         raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return rms_norm_forward(x, weight, float(eps), float(offset), casting == "gemma")[0]  # no node to record
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")
+    spare_cols = int(spare_cols)
+    if spare_cols < 0:
+        raise ValueError(f"spare_cols must be >= 0, got {spare_cols}")
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # no node to record
+        return rms_norm_forward(x, weight, float(eps), float(offset), casting == "gemma", spare_cols)[0]
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma", spare_cols)

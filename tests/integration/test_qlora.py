@@ -445,11 +445,14 @@ def test_random_init_4bit_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     assert all_at_once > 4 * layer_bytes
 
 
+@pytest.mark.parametrize("norms", [False, True], ids=["hf-modules", "our-norms-rope-mlp"])
 @pytest.mark.parametrize("ours", [True, False], ids=["triton-dequant", "bnb-dequant"])
-def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours):
+def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours, norms):
     """kernels.lora on a 4-bit base: the weight dequantized inside our fused node (forward and again in
     backward; by our Triton kernel or by bitsandbytes, `kernels.dequantize_4bit`) against peft's
-    bitsandbytes path, on the same quantized model: loss and every LoRA gradient."""
+    bitsandbytes path, on the same quantized model: loss and every LoRA gradient. With our RMSNorm, RoPE
+    attention and MLP, the norms before q/k/v and gate/up leave their groups' rank sum of spare columns
+    after each row, where the fused path builds [x | mid] without copying x."""
     import copy
 
     import distsft_kernels as K
@@ -463,8 +466,16 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours):
     model = get_peft_model(_quantized_base(tmp), LoraConfig(r=4, target_modules="all-linear",
                                                             init_lora_weights=False))
     peft_ref = copy.deepcopy(model)
-    report = apply_kernels(model, KernelsConfig(rms_norm=False, rope=False, swiglu=False, dequantize_4bit=ours))
+    report = apply_kernels(model, KernelsConfig(rms_norm=norms, rope=norms, swiglu=norms, dequantize_4bit=ours))
     assert report.counts["lora"] == 7 * model.config.num_hidden_layers
+    if norms:
+        from distsft.patching import _TAG
+
+        layer = model.base_model.model.model.layers[0]
+        r = model.peft_config["default"].r
+        assert getattr(layer.input_layernorm, _TAG).spare_cols == 3 * r
+        assert getattr(layer.post_attention_layernorm, _TAG).spare_cols == 2 * r
+        assert getattr(model.base_model.model.model.norm, _TAG).spare_cols == 0
     calls = []
     if K.HAS_TRITON:
         real = K.Dequantizer.__call__

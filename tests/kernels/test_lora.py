@@ -243,3 +243,65 @@ def test_residual_of_the_wrong_width_is_refused(device):
     x, ws, _, a, b, s = _inputs((3,), 16, [(8, 2)], device)
     with pytest.raises(ValueError, match="residual has 7 features, the output 8"):
         lora_projections(x, a, b, s, weights=ws, residuals=[torch.zeros(3, 7, device=device)])
+
+
+@pytest.mark.parametrize("one_scaling", [False, True], ids=["scalings-differ", "one-scaling"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_with_spare_columns_is_the_same_computation(dtype, one_scaling, device):
+    """An input made by rms_norm(..., spare_cols=R) (the norm before q/k/v or gate/up): the [x | mid] path
+    writes mid into the spare columns instead of copying x; outputs and every gradient bitwise equal to the
+    same input without spare columns, and x's own values and version untouched."""
+    import distsft_kernels as K
+
+    if not K.HAS_TRITON:
+        pytest.skip("rms_norm's spare columns need the Triton kernel")
+    x, ws, _, a, b, s = _inputs((2, 9), 32, [(32, 4), (16, 4), (16, 4)], device)
+    s = [1.5] * 3 if one_scaling else s
+    h = x.to(dtype)
+    norm_w = torch.randn(32, device=device).to(dtype)
+    results = []
+    for spare in (12, 0):
+        hi = h.clone().requires_grad_()
+        xn = K.rms_norm(hi, norm_w, 1e-6, spare_cols=spare)
+        version = xn._version
+        ai = [t.clone().to(dtype).requires_grad_() for t in a]
+        bi = [t.clone().to(dtype).requires_grad_() for t in b]
+        fns = [lambda out=None, w=w: w.to(dtype).clone() if out is None else out.copy_(w) for w in ws]
+        from distsft_kernels.lora import spare_columns
+
+        ext = spare_columns(xn, 12)  # the same storage, to look at afterwards (not claimed)
+        outs = lora_projections(xn, ai, bi, s, weights=fns)
+        assert xn._version == version
+        if spare:  # mid = [s_i x A_i^T] was written into the spare columns (no copy of x was made)
+            mid = torch.cat([v * (xn.detach().reshape(-1, 32) @ t.detach().t()) for v, t in zip(s, ai)], dim=1)
+            torch.testing.assert_close(ext[:, 32:], mid, rtol=1e-2, atol=1e-2)
+            assert spare_columns(xn, 12) is None  # claimed by the call, which keeps mid for its backward
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), device=device).view_as(o)).sum() for o in outs)
+        results.append([*outs, *torch.autograd.grad(loss, [hi, *ai, *bi]), xn.detach().clone()])
+    assert K.rms_norm(h, norm_w, 1e-6, spare_cols=12).stride()[-2] == 32 + 12
+    for i, (t, u) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(t, u), i
+
+
+def test_spare_columns_are_handed_out_once(device):
+    """Two LoRA calls reading one norm output (gate_proj then up_proj where HF's MLP calls them apart): the
+    first writes its mid into the spare columns and keeps it for its backward, the second must not write
+    over it: both calls' gradients equal those on an input without spare columns."""
+    import distsft_kernels as K
+
+    if not K.HAS_TRITON:
+        pytest.skip("rms_norm's spare columns need the Triton kernel")
+    x, ws, _, a, b, s = _inputs((3, 7), 32, [(48, 4), (48, 4)], device)
+    norm_w = torch.randn(32, device=device)
+    grads = []
+    for spare in (8, 0):
+        hi = x.clone().requires_grad_()
+        xn = K.rms_norm(hi, norm_w, 1e-6, spare_cols=spare)
+        ai = [t.clone().requires_grad_() for t in a]
+        bi = [t.clone().requires_grad_() for t in b]
+        fns = [lambda out=None, w=w: w.clone() if out is None else out.copy_(w) for w in ws]
+        outs = [lora_projections(xn, [ai[i]], [bi[i]], [s[i]], weights=[fns[i]])[0] for i in range(2)]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), device=device).view_as(o)).sum() for o in outs)
+        grads.append(torch.autograd.grad(loss, [hi, *ai, *bi]))
+    for i, (t, u) in enumerate(zip(*grads, strict=True)):
+        assert torch.equal(t, u), i
