@@ -477,7 +477,8 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
 _NORM_FEEDS = {"input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
                "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj")),  # Llama, Mistral, Qwen
                "pre_feedforward_layernorm": ("mlp", ("gate_proj", "up_proj"))}  # Gemma 2/3
-"""A decoder layer's norm -> the projection group that reads its output (by HF's module names)."""
+"""A decoder layer's norm -> the projection group that reads its output (by HF's module names). Gemma 2/3's
+post_attention_layernorm normalises the attention's output instead: its spare columns go unused there."""
 
 
 def _spare_cols(norm_name: str, lora_layers: dict, cfg: KernelsConfig) -> int:

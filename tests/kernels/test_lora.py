@@ -273,7 +273,8 @@ def test_input_with_spare_columns_is_the_same_computation(dtype, one_scaling, de
         outs = lora_projections(xn, ai, bi, s, weights=fns)
         assert xn._version == version
         if spare:  # mid = [s_i x A_i^T] was written into the spare columns (no copy of x was made)
-            mid = torch.cat([v * (xn.detach().reshape(-1, 32) @ t.detach().t()) for v, t in zip(s, ai)], dim=1)
+            rows = xn.detach().reshape(-1, 32)
+            mid = torch.cat([v * (rows @ t.detach().t()) for v, t in zip(s, ai, strict=True)], dim=1)
             torch.testing.assert_close(ext[:, 32:], mid, rtol=1e-2, atol=1e-2)
             assert spare_columns(xn, 12) is None  # claimed by the call, which keeps mid for its backward
         loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), device=device).view_as(o)).sum() for o in outs)
