@@ -350,6 +350,18 @@ class DistributedConfig:
     `accelerate launch --config_file accelerate_configs/zeroN.yaml` the YAML names it instead."""
     allow_global_batch_change: bool = False
     """Allow resuming with a different global batch size (changes which samples form each step)."""
+    zero3_gather: Literal["layer", "module"] = "layer"
+    """ZeRO-3 only. `layer`: each decoder layer's parameters are gathered together before its forward and
+    its backward, with no DeepSpeed hooks on the modules inside it (DeepSpeed's leaf modules), so the
+    fused LoRA projections and the 4-bit dequantization kernel read whole weights and prefetching works
+    per layer. `module`: DeepSpeed's default, a gather per module (the LoRA layers then run peft's
+    forward; for comparison)."""
+    zero12: Literal["auto", "deepspeed", "ddp"] = "auto"
+    """ZeRO-1/2 configs. ZeRO-1/2 partition only the trainable state (its gradients and Adam moments),
+    and the base model is replicated on every GPU anyway. `auto` runs such a job as DDP (the same math,
+    the same checkpoints, no DeepSpeed per-step cost) when partitioning would save less than 1 GiB per
+    GPU (12 bytes per trainable parameter x (1 - 1/GPUs)) and the JSON offloads nothing; `deepspeed`
+    always uses DeepSpeed; `ddp` always DDP."""
 
     def __post_init__(self):
         _require(self.timeout_minutes > 0, "timeout_minutes", "must be > 0")

@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import torch
 
-from distsft.config import Config
+from distsft.config import Config, DistributedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,72 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row: the command line exits with NONRETRYABLE_EXIT_CODE."""
 
 
-def build_accelerator(cfg: Config):
+def requested_deepspeed(cfg: DistributedConfig) -> dict | None:
+    """The DeepSpeed config this launch asks for, before anything is built: `distributed.deepspeed_config`
+    (torchrun), or what `accelerate launch --config_file <zeroN.yaml>` put into the environment; None for
+    no DeepSpeed. Only `zero_optimization` (stage, offload sections) is read from it here."""
+    if cfg.deepspeed_config:
+        path = cfg.deepspeed_config
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path or path == "none":  # the stage and offload devices come as variables of their own
+            zero = {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
+            for key in ("offload_optimizer", "offload_param"):
+                device = os.environ.get(f"ACCELERATE_DEEPSPEED_{key.upper()}_DEVICE", "none")
+                if device != "none":
+                    zero[key] = {"device": device}
+            return {"zero_optimization": zero}
+    else:
+        return None
+    try:
+        return json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"distributed.deepspeed_config: cannot read {path}: {e}") from e
+
+
+ZERO12_DDP_MAX_SAVING = 1 << 30
+"""`distributed.zero12=auto`: ZeRO-1/2 run as DDP when partitioning would save less than this per GPU."""
+
+
+def zero12_as_ddp(cfg: DistributedConfig, ds: dict | None, trainable_numel: int | None, world: int
+                  ) -> str | None:
+    """Whether a ZeRO-1/2 launch runs as DDP (`distributed.zero12`), and why: the reason, or None to keep
+    DeepSpeed (or when no ZeRO-1/2 config was asked for).
+
+    ZeRO-1/2 partition the optimizer state (and ZeRO-2 the gradients) of the *trainable* parameters over
+    the ranks; the frozen base model is replicated either way. For LoRA that state is small (an 8B model
+    at r=16: 42M parameters, 0.5 GB of fp32 gradients and Adam moments), so partitioning saves little
+    memory while DeepSpeed's per-parameter work costs every step (measured in launch/results/)."""
+    stage = int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+    if stage not in (1, 2) or cfg.zero12 == "deepspeed":
+        return None
+    if cfg.zero12 == "ddp":
+        return "distributed.zero12=ddp"
+    zero = ds["zero_optimization"]
+    offloaded = [k for k in ("offload_optimizer", "offload_param")
+                 if str((zero.get(k) or {}).get("device", "none")).lower() not in ("none", "")]
+    if offloaded:
+        return None  # the JSON moves state to the CPU: that saving is DeepSpeed's to make
+    if trainable_numel is None:
+        return None
+    saving = 12 * trainable_numel * (1 - 1 / max(1, world))  # fp32 gradient + two Adam moments, partitioned
+    if saving >= ZERO12_DDP_MAX_SAVING:
+        return None
+    return (f"ZeRO-{stage} would partition only the trainable state ({trainable_numel:,} parameters: "
+            f"{saving / 2**30:.2f} GiB saved per GPU at {world} GPU(s)); the base model is replicated either way")
+
+
+def build_accelerator(cfg: Config, *, as_ddp: bool = False):
+    """The Accelerator for this launch. `as_ddp`: a ZeRO-1/2 launch runs as DDP (`zero12_as_ddp`)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     timeout = timedelta(minutes=cfg.distributed.timeout_minutes)
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_deepspeed = bool(cfg.distributed.deepspeed_config) or (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+    if as_ddp:  # `accelerate launch` with a DeepSpeed YAML said DeepSpeed in the environment
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    use_deepspeed = not as_ddp and (bool(cfg.distributed.deepspeed_config) or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"))
     if launched_world > 1 and not torch.cuda.is_available():
         # Accelerate 1.15 on a machine with no GPU does not see a torchrun launch as distributed: its
         # state says one process (DistributedType.NO), `reduce` does nothing, nothing is wrapped in DDP,
@@ -58,9 +116,10 @@ def build_accelerator(cfg: Config):
         else:
             PartialState(cpu=True, backend="gloo", timeout=timeout)
     plugin = None
-    if cfg.distributed.deepspeed_config:
+    if use_deepspeed and cfg.distributed.deepspeed_config:
         plugin = DeepSpeedPlugin(hf_ds_config=cfg.distributed.deepspeed_config)
-    extra = {}
+    # Without DeepSpeed the precision is the model's too: no autocast, whatever the launcher's YAML says.
+    extra = {"mixed_precision": "no"} if as_ddp else {}
     if use_deepspeed:
         # DeepSpeed's precision is the model's (model.dtype). Accelerate writes its own mixed_precision
         # ("no" unless an accelerate config says otherwise) into the JSON's "auto" bf16/fp16 sections as
@@ -124,6 +183,62 @@ def configure_deepspeed(accelerator, *, micro_batch: int, accum: int, max_grad_n
     for key in ("scheduler", "optimizer"):
         if key in ds:
             raise ValueError(f"remove the {key!r} section from the DeepSpeed config: distsft provides its own")
+
+
+ZERO3_PERSISTENCE_CAP = 10_000_000
+"""Largest trainable tensor (elements) kept whole on every rank under ZeRO-3 (`prepare_zero3`)."""
+
+
+def _output_requires_grad(module, inputs, output):
+    return output.requires_grad_(True)
+
+
+def prepare_zero3(accelerator, layers, trainable, gather: str, embeddings: torch.nn.Module) -> dict:
+    """Before `accelerator.prepare` under ZeRO-3 (a no-op otherwise): how DeepSpeed gathers the model.
+
+    `gather="layer"` (`distributed.zero3_gather`): every decoder layer becomes a DeepSpeed leaf module. Its
+    pre-forward hook gathers all of the layer's parameters at once (and its pre-backward hook again for
+    the backward, recomputation included), and no hook is put on the modules inside it, so the fused LoRA
+    projections, which read `base_layer.weight` without calling `base_layer`, see whole weights, and
+    DeepSpeed's trace-based prefetch moves one layer at a time. Then the values the JSON leaves "auto"
+    are sized to it: the next layer may be prefetched whole while this one computes
+    (`stage3_prefetch_bucket_size` one layer, `stage3_max_live_parameters` / `stage3_max_reuse_distance`
+    three), and the LoRA tensors stay whole on every rank (`stage3_param_persistence_threshold` the
+    largest trainable tensor, at most ZERO3_PERSISTENCE_CAP elements): adapter-sized, never gathered.
+    Returns the values it filled in.
+
+    DeepSpeed reduces a leaf module's gradients in a full backward hook on it, which fires when the
+    gradient with respect to the module's inputs is complete; when no input requires grad (the first
+    layer: the frozen embedding's output) it fires as soon as the output's gradient arrives, before the
+    layer's own parameter gradients exist, and reduces zeros for them (the late gradient then fails to
+    accumulate into the released parameter). So the embedding's output is made to require grad (as
+    transformers' `enable_input_require_grads` does): the first layer then behaves like every other,
+    at the cost of one (tokens, hidden) gradient that nothing reads."""
+    if zero_stage(accelerator) != 3:
+        return {}
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {})
+
+    def numel(p) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))  # under zero.Init the local tensor is empty
+
+    filled = {}
+    if gather == "layer":
+        for layer in layers:
+            layer._z3_leaf = True  # deepspeed.utils.set_z3_leaf_module (DeepSpeed reads this flag)
+        embeddings.register_forward_hook(_output_requires_grad)
+        layer_numel = max(sum(numel(p) for p in layer.parameters()) for layer in layers)
+        wanted = {"stage3_prefetch_bucket_size": layer_numel,
+                  "stage3_max_live_parameters": max(10**9, 3 * layer_numel),
+                  "stage3_max_reuse_distance": max(10**9, 3 * layer_numel)}
+        largest = max((numel(p) for p in trainable), default=0)
+        if largest <= ZERO3_PERSISTENCE_CAP:
+            wanted["stage3_param_persistence_threshold"] = largest
+        for key, value in wanted.items():
+            if zero.get(key, "auto") == "auto":
+                zero[key] = filled[key] = int(value)
+    logger.info("ZeRO-3: gathering %s%s", "whole decoder layers (leaf modules)" if gather == "layer"
+                else "per module (DeepSpeed's default)", f"; filled in {filled}" if filled else "")
+    return filled
 
 
 def register_head_for_zero3(wrapper, accelerator_or_none=None) -> None:

@@ -483,6 +483,22 @@ def build_model(
     return CausalLMWithLoss(peft_model, select_loss_fn(kernels_cfg)), report
 
 
+def trainable_numel_on_meta(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> int:
+    """How many parameters this run will train, counted on a skeleton of the model on the meta device
+    (shapes only: no weights read or allocated, a second or two at 70B) with the same LoRA applied.
+    Used before the accelerator exists, to decide how ZeRO-1/2 run (distributed.zero12_as_ddp)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_path(model_cfg.name_or_path or model_cfg.init_from_config)
+    hf_config = AutoConfig.from_pretrained(source, revision=model_cfg.revision,
+                                           trust_remote_code=model_cfg.trust_remote_code)
+    hf_config.__dict__.pop("quantization_config", None)  # the trained count does not depend on it
+    with _without_zero_init(), torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=model_cfg.trust_remote_code)
+        peft_model = add_lora(skeleton, lora_cfg)
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -2,6 +2,9 @@
 
     report = apply_kernels(peft_model, cfg.kernels)   # RMSNorm, RoPE, SwiGLU/GeGLU on this instance
     loss_fn = select_loss_fn(cfg.kernels)             # (hidden, weight, targets, *, bias, softcap) -> (sum, n)
+    with record_kernels() as census:                  # what actually runs (the trainer's first step)
+        loss = model(batch); loss.backward()
+    logger.info("%s", census.summary(report))
     revert_kernels(peft_model, report)                # the original forwards, exactly
 
 Patching binds a forward to each matched module *instance* (`module.forward = MethodType(...)`); the
@@ -15,15 +18,24 @@ swapped. The replacements are counted and checked against the architecture.
 Backend, decided per call from the tensor's device: `auto` runs Triton where it can (CUDA tensors, or
 CPU tensors when the kernels were loaded under TRITON_INTERPRET=1) and the PyTorch references of
 `distsft_kernels.reference` elsewhere; `triton` raises where Triton cannot run; `torch` always uses the
-references (which reproduce the HF modules' numerics).
+references (which reproduce the HF modules' numerics). The fused LoRA path is also decided per call
+(`_lora_unfused_reason`): a projection whose weights are not whole in this process right now (DeepSpeed
+ZeRO-3 with per-module gathering, accelerate's offload hooks) keeps peft's forward.
+
+What was patched is not what runs: `record_kernels()` counts, per module, which path each bound
+forward took while it is open (the trainer opens it for its first optimizer step), and
+`KernelCensus.summary` / `as_dict` report it against the patch report, naming the reason of every layer
+that fell back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import types
 import weakref
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,6 +86,7 @@ class _Spec:
     eager: Callable | None = None
     dequantize_4bit: bool = False  # LoRA layers on 4-bit bases: our dequantization kernel
     spare_cols: int = 0  # RMSNorm feeding a fused 4-bit LoRA group: room after each output row for its mid
+    name: str = ""  # the module's logical name (for the census)
 
 
 @dataclass
@@ -97,6 +110,108 @@ class PatchReport:
             return f"{self.model_type}: none ({self.skipped})"
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items()) or "none"
         return f"{self.model_type}: {counts} (backend {self.backend})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The census: what ran, per module
+
+
+class KernelCensus:
+    """Which path each patched module took while recording: {kernel: {path: {module names}}}, plus the
+    reason of every LoRA layer that ran peft's forward and the fused groups (projection names joined by
+    '+'). Paths: "triton" (our kernel), "torch" (the PyTorch reference), "fused" / "peft" (LoRA),
+    "bitsandbytes" (4-bit dequantization by bitsandbytes), "fused_linear_ce" / "ce" / "reference" (loss)."""
+
+    def __init__(self):
+        self.ran: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        self.fallbacks: dict[str, str] = {}  # LoRA layer -> why it ran peft's forward
+        self.groups: Counter = Counter()  # "q_proj+k_proj+v_proj" -> fused calls
+        self.why_reference: str | None = None  # why a Triton kernel ran its PyTorch reference
+
+    def note(self, kernel: str, path: str, name: str) -> None:
+        self.ran[kernel][path].add(name)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {k: {p: len(names) for p, names in paths.items()} for k, paths in sorted(self.ran.items())}
+
+    def ours(self, kernel: str) -> int:
+        """Modules that ran distsft's path for `kernel` (Triton kernel, fused LoRA, our dequantization)."""
+        paths = self.ran.get(kernel, {})
+        return len(paths.get("fused" if kernel == "lora" else "triton", ()))
+
+    def missing(self, report: PatchReport) -> dict[str, int]:
+        """Patched kernels that ran our path on fewer modules than were patched: {kernel: shortfall}."""
+        return {k: n - self.ours(k) for k, n in report.counts.items() if n and self.ours(k) < n}
+
+    def as_dict(self, report: PatchReport | None = None) -> dict:
+        out = {"ran": self.counts(), "fused_groups": dict(self.groups),
+               "fallbacks": dict(sorted(self.fallbacks.items()))}
+        if report is not None:
+            out["patched"] = dict(report.counts)
+            out["missing"] = self.missing(report)
+        return out
+
+    def summary(self, report: PatchReport) -> str:
+        """One line: per patched kernel, how many modules ran our path out of those patched, and how."""
+        parts = []
+        for kernel, n in report.counts.items():
+            if not n:
+                continue
+            paths = self.ran.get(kernel, {})
+            how = ", ".join(f"{p} {len(v)}" for p, v in sorted(paths.items())) or "never called"
+            parts.append(f"{kernel} {self.ours(kernel)}/{n} ({how})")
+        for kernel in ("dequantize_4bit", "loss"):
+            if kernel in self.ran:
+                parts.append(f"{kernel}: " + ", ".join(f"{p} {len(v)}" for p, v in sorted(self.ran[kernel].items())))
+        if self.groups:
+            parts.append("fused groups: " + ", ".join(f"{g} x{n}" for g, n in sorted(self.groups.items())))
+        return "; ".join(parts) or "no patched module ran"
+
+    def fallback_warnings(self) -> list[str]:
+        """One message per reason, naming every layer that fell back for it."""
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for name, why in sorted(self.fallbacks.items()):
+            by_reason[why].append(name)
+        msgs = [f"kernels.lora: {len(names)} LoRA layer(s) ran peft's forward, not the fused projections, "
+                f"because {why}: {', '.join(names)}" for why, names in by_reason.items()]
+        if self.why_reference:
+            ref = sorted(k for k, paths in self.ran.items() if "torch" in paths)
+            if ref:
+                msgs.append(f"kernels: {', '.join(ref)} ran the PyTorch reference, not Triton: {self.why_reference}")
+        return msgs
+
+
+_CENSUS: KernelCensus | None = None
+
+
+@contextlib.contextmanager
+def record_kernels():
+    """Count what the patched forwards run inside the block (nested blocks share the outer census)."""
+    global _CENSUS
+    if _CENSUS is not None:
+        yield _CENSUS
+        return
+    _CENSUS = KernelCensus()
+    try:
+        yield _CENSUS
+    finally:
+        census, _CENSUS = _CENSUS, None
+        del census
+
+
+def _note(kernel: str, path: str, name: str) -> None:
+    if _CENSUS is not None:
+        _CENSUS.note(kernel, path, name)
+
+
+def _note_backend(kernel: str, spec: _Spec, triton: bool, t: torch.Tensor) -> None:
+    if _CENSUS is not None:
+        _CENSUS.note(kernel, "triton" if triton else "torch", spec.name)
+        if not triton and _CENSUS.why_reference is None:
+            _CENSUS.why_reference = (
+                "kernels.backend=torch" if spec.backend == "torch" else "Triton is not installed"
+                if not K.HAS_TRITON else f"the tensors are on {t.device}, and Triton runs on CUDA or, on the "
+                "CPU, only when TRITON_INTERPRET=1 is set before distsft_kernels is imported")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,7 +239,9 @@ def _rms_norm_forward(self, hidden_states):
     spec = getattr(self, _TAG)
     eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
     offset = 1.0 if spec.casting == "gemma" else 0.0
-    if _use_triton(spec.backend, hidden_states):
+    triton = _use_triton(spec.backend, hidden_states)
+    _note_backend("rms_norm", spec, triton, hidden_states)
+    if triton:
         return K.rms_norm(hidden_states, self.weight, eps, offset=offset, casting=spec.casting,
                           spare_cols=spec.spare_cols)
     return rms_norm_ref(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
@@ -133,12 +250,15 @@ def _rms_norm_forward(self, hidden_states):
 def _mlp_forward(self, x):
     spec = getattr(self, _TAG)
     gate, up = _projections(x, (self.gate_proj, self.up_proj))  # HF's order (matters for LoRA dropout's RNG)
-    if _use_triton(spec.backend, gate):
+    triton = _use_triton(spec.backend, gate)
+    _note_backend("swiglu", spec, triton, gate)
+    if triton:
         # gate and up are ours (fresh projection outputs, read by nothing else): their memory takes the grads
         h = K.gated_activation(gate, up, spec.activation, inplace_grads=True)
     else:
         h = self.act_fn(gate) * up
-    if spec.arch is not None and spec.arch.mlp_to_residual and recomputing() and _lora_fusable(self.down_proj):
+    if (spec.arch is not None and spec.arch.mlp_to_residual and recomputing()
+            and _lora_unfused_reason(self.down_proj) is None):
         # A checkpointed layer's recompute: this output only feeds the residual sum leaving the layer,
         # whose value backward never reads; skip its GEMMs (distsft/offload.py).
         return _fused_lora(h, (self.down_proj,), values_unused=True)[0]
@@ -164,7 +284,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     value_states = v.view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings  # (B|1, T, D) from the model's rotary embedding (any rope variant)
-    if _use_triton(spec.backend, query_states):
+    triton = _use_triton(spec.backend, query_states)
+    _note_backend("rope", spec, triton, query_states)
+    if triton:
         dup = self.__dict__.get("_distsft_rope_duplicated")
         if dup is None:  # HF builds cos/sin as cat(f, f): checked once per module (one sync), then trusted
             h = cos.shape[-1] // 2
@@ -226,20 +348,31 @@ def _is_4bit(base) -> bool:
     return type(base).__name__ == "Linear4bit" and hasattr(base.weight, "quant_state")
 
 
-def _lora_fusable(m) -> bool:
-    """Per call: the fused path computes exactly what peft's forward would right now. Anything that
-    hooks the module or owns its parameters' storage (DeepSpeed ZeRO-3 gathers parameters in module
-    hooks; accelerate's offload hooks) keeps peft's forward."""
+def _lora_unfused_reason(m) -> str | None:
+    """Per call: None when the fused path computes exactly what peft's forward would right now, else why
+    not. Anything that hooks the module itself (DeepSpeed ZeRO-3's per-module gathering, accelerate's
+    offload hooks) keeps peft's forward, as does a weight that is not whole here. Under ZeRO-3 the trainer
+    gathers each decoder layer whole before its forward (distsft.distributed.gather_decoder_layers_whole),
+    so the LoRA layers inside carry no hooks and every weight is whole when they run."""
     spec = m.__dict__.get(_TAG)
-    if spec is None or spec.activation != "lora" or m.disable_adapters or m.merged:
-        return False
+    if spec is None or spec.activation != "lora":
+        return "not patched"
+    if m.disable_adapters or m.merged:
+        return "the adapter is disabled or merged"
     if m.active_adapters != list(m.lora_A.keys()):
-        return False
+        return "another adapter is active"
     base = m.get_base_layer()
     for mod in (m, base):
-        if mod._forward_hooks or mod._forward_pre_hooks or "_hf_hook" in mod.__dict__:
-            return False
-    return not hasattr(base.weight, "ds_id")
+        if "_hf_hook" in mod.__dict__:
+            return "accelerate hooks the module (device_map offload)"
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return ("hooks run on the module itself (DeepSpeed ZeRO-3 gathers it per module: "
+                    "distributed.zero3_gather=layer gathers whole decoder layers)")
+    key = m.active_adapters[0]
+    for p in (base.weight, m.lora_A[key].weight, m.lora_B[key].weight):
+        if getattr(p, "ds_status", None) is not None and p.ds_status.name != "AVAILABLE":
+            return "a ZeRO-3 partitioned weight is not gathered when the projection runs"
+    return None
 
 
 def _dequantize_4bit(layer, spec: _Spec, out: torch.Tensor | None = None, tail: tuple | None = None
@@ -253,7 +386,9 @@ def _dequantize_4bit(layer, spec: _Spec, out: torch.Tensor | None = None, tail: 
     plan = layer.__dict__.get("_distsft_dequantizer")  # (what it was built from, K.Dequantizer)
     if plan is not None and spec.dequantize_4bit and spec.backend != "torch" and plan[0] == _quant_sources(
             w, state, dtype):
-        return plan[1](out, tail)
+        _note("dequantize_4bit", "triton", spec.name)
+        # a ZeRO-3 parameter's bytes are in a new buffer after each gather: passed per call
+        return plan[1](out, tail, data=w.data if _moves(w) else None)
     full = _dequantize_4bit_uncached(layer, spec, w, state, dtype, out)
     if tail is not None:  # (later calls write these in the dequantization's launch, where it is ours)
         b, col, width = tail
@@ -271,27 +406,36 @@ def _dequantize_4bit_uncached(layer, spec: _Spec, w, state, dtype, out: torch.Te
         data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
         full = bnb.functional.dequantize_4bit(data, state)
     elif spec.dequantize_4bit and _use_triton(spec.backend, data):
+        _note("dequantize_4bit", "triton", spec.name)
         if state.dtype == dtype:
             # checked once, then each call is little more than the launch (~640 per 8B step)
-            plan = (_quant_sources(w, state, dtype), K.Dequantizer.from_state(data, state))
+            moves = _moves(w)
+            plan = (_quant_sources(w, state, dtype), K.Dequantizer.from_state(data, state, hold_data=not moves))
             layer.__dict__["_distsft_dequantizer"] = plan
-            return plan[1](out)
+            return plan[1](out, data=data if moves else None)
         full = K.dequantize_4bit_state(data, state)
     else:
         import bitsandbytes as bnb
 
+        _note("dequantize_4bit", "bitsandbytes", spec.name)
         full = bnb.functional.dequantize_4bit(data, state)
     if out is not None:
         return out.copy_(full)
     return full if full.dtype == dtype else full.to(dtype)
 
 
+def _moves(w) -> bool:
+    """A ZeRO-3 parameter: its bytes are in a new buffer after every gather (and freed after its release)."""
+    return hasattr(w, "ds_id")
+
+
 def _quant_sources(w, state, dtype) -> tuple:
     """What a layer's cached Dequantizer was built from, compared by identity (and the packed storage's
-    address): moving or replacing the weight or its quantization state (`.to(device)`, a reload) changes
-    one of them, and the next call builds a new one."""
+    address, except for a ZeRO-3 parameter, whose bytes are passed per call): moving or replacing the
+    weight or its quantization state (`.to(device)`, a reload) changes one of them, and the next call
+    builds a new one."""
     s2 = state.state2 if state.nested else None
-    return (w.data_ptr(), id(state), id(state.absmax), id(state.code), id(state.offset),
+    return (0 if _moves(w) else w.data_ptr(), id(state), id(state.absmax), id(state.code), id(state.offset),
             id(s2.absmax) if s2 is not None else 0, id(s2.code) if s2 is not None else 0, dtype)
 
 
@@ -315,6 +459,10 @@ follows instead of dequantizing it again (~0.3 GB more at the peak for an 8B lay
 
 def _fused_lora(x, modules, values_unused: bool = False):
     key = modules[0].active_adapters[0]
+    if _CENSUS is not None:
+        for m in modules:
+            _CENSUS.note("lora", "fused", m.__dict__[_TAG].name)
+        _CENSUS.groups["+".join(m.__dict__[_TAG].name.rpartition(".")[2] for m in modules)] += 1
     weights, biases, base_outs = [], [], []
     for m in modules:
         base = m.get_base_layer()
@@ -334,16 +482,30 @@ def _fused_lora(x, modules, values_unused: bool = False):
         values_unused=values_unused, keep_dequantized=KEEP_RECOMPUTED_DEQUANT and recomputing())
 
 
+def _peft_forward(m, x, why: str, *args, **kwargs):
+    """peft's own forward for a bound LoRA layer that cannot be fused now (counted, with the reason)."""
+    if _CENSUS is not None:
+        name = m.__dict__[_TAG].name
+        _CENSUS.note("lora", "peft", name)
+        _CENSUS.fallbacks.setdefault(name, why)
+        if _is_4bit(m.get_base_layer()):
+            _CENSUS.note("dequantize_4bit", "bitsandbytes", name)
+    return type(m).forward(m, x, *args, **kwargs)
+
+
 def _lora_forward(self, x, *args, **kwargs):
-    if args or kwargs or not _lora_fusable(self):
-        return type(self).forward(self, x, *args, **kwargs)
+    why = "peft's forward was called with extra arguments" if args or kwargs else _lora_unfused_reason(self)
+    if why is not None:
+        return _peft_forward(self, x, why, *args, **kwargs)
     return _fused_lora(x, (self,))[0]
 
 
 def _projections(x, modules) -> tuple:
     """modules(x) for projections that read the same x: one fused node when all of them are fused LoRA
     layers with the same adapter, else each module called as HF calls it."""
-    if all(_lora_fusable(m) for m in modules) and len({m.active_adapters[0] for m in modules}) == 1:
+    bound = all(_TAG in m.__dict__ and m.__dict__[_TAG].activation == "lora" for m in modules)
+    if (bound and all(_lora_unfused_reason(m) is None for m in modules)
+            and len({m.active_adapters[0] for m in modules}) == 1):
         return _fused_lora(x, modules)
     return tuple(m(x) for m in modules)
 
@@ -437,19 +599,21 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
     try:
         for name, (m, why) in lora_layers.items():
             if why is None:
-                _bind(m, _lora_forward, _Spec(cfg.backend, activation="lora", dequantize_4bit=cfg.dequantize_4bit),
-                      undo)
+                _bind(m, _lora_forward, _Spec(cfg.backend, activation="lora", dequantize_4bit=cfg.dequantize_4bit,
+                                              name=name), undo)
                 seen["lora"].add(name)
         for name, m in hf.named_modules():
             if cfg.rms_norm and _is(m, "RMSNorm", "weight"):
                 spare = _spare_cols(_logical_name(name), lora_layers, cfg)
-                _bind(m, _rms_norm_forward, _Spec(cfg.backend, casting=arch.norm_casting, spare_cols=spare), undo)
+                _bind(m, _rms_norm_forward, _Spec(cfg.backend, casting=arch.norm_casting, spare_cols=spare,
+                                                  name=_logical_name(name)), undo)
                 seen["rms_norm"].add(_logical_name(name))
             elif cfg.rope and _is(m, "Attention", "q_proj", "k_proj", "v_proj", "o_proj", "head_dim"):
                 eager = getattr(sys.modules[type(m).__module__], "eager_attention_forward", None)
                 if eager is None:
                     raise RuntimeError(f"{type(m).__module__} has no eager_attention_forward")
-                _bind(m, _attention_forward, _Spec(cfg.backend, arch=arch, eager=eager), undo)
+                _bind(m, _attention_forward, _Spec(cfg.backend, arch=arch, eager=eager, name=_logical_name(name)),
+                      undo)
                 seen["rope"].add(_logical_name(name))
             elif cfg.swiglu and _is(m, "MLP", "gate_proj", "up_proj", "down_proj", "act_fn"):
                 act = _activation(m.act_fn)
@@ -461,7 +625,7 @@ def apply_kernels(model, cfg: KernelsConfig) -> PatchReport:
                     logger.warning("%s; keeping the HF MLP", msg)
                     report.expected["swiglu"] = 0
                     continue
-                _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act, arch=arch), undo)
+                _bind(m, _mlp_forward, _Spec(cfg.backend, activation=act, arch=arch, name=_logical_name(name)), undo)
                 seen["swiglu"].add(_logical_name(name))
         report.counts = {k: len(v) for k, v in seen.items()}
         if report.counts != report.expected:
@@ -551,7 +715,9 @@ def select_loss_fn(cfg: KernelsConfig) -> LossFn:
     def loss_fn(hidden, weight, targets, *, bias=None, softcap=None, ignore_index=IGNORE_INDEX,
                 label_smoothing=0.0):
         kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap)
-        if kind != "reference" and _use_triton(backend, hidden):
+        triton = kind != "reference" and _use_triton(backend, hidden)
+        _note("loss", f"{kind} (triton)" if triton else "reference (torch)", "lm_head")
+        if triton:
             if kind == "fused_linear_ce":
                 return K.fused_linear_cross_entropy(hidden, weight, targets, bias=bias, **kw)
             logits = F.linear(hidden, weight, bias)  # (N, V) in the input dtype; ours, so CE may overwrite it

@@ -65,16 +65,27 @@ from distsft.distributed import (
     deepspeed_engine,
     gathered_parameters,
     injected_fault,
+    prepare_zero3,
     register_head_for_zero3,
+    requested_deepspeed,
     sample_digest,
     write_exit_status,
+    zero12_as_ddp,
     zero_stage,
 )
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.loss import backward_scale, count_targets
-from distsft.model import build_model, load_tokenizer, merged_model, target_indices, trainable_parameter_count
+from distsft.model import (
+    build_model,
+    load_tokenizer,
+    merged_model,
+    target_indices,
+    trainable_numel_on_meta,
+    trainable_parameter_count,
+)
 from distsft.offload import device_checkpoint, offloaded_checkpoint
 from distsft.optim import build_optimizer, build_scheduler
+from distsft.patching import record_kernels
 from distsft.plots import plot_run
 from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary
 from distsft.recompute import RecomputePlan, apply_recomputation, decoder_layers, plan_recomputation
@@ -101,20 +112,18 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool
     return out
 
 
-def setup_recomputation(model, cfg: Config, micro: int, *, single_process: bool):
+def setup_recomputation(model, cfg: Config, micro: int):
     """Which decoder layers recompute their activations in backward, and how. `true`: all; `auto`: the
-    fewest that fit `model.memory_budget_gib` (distsft/recompute.py; measured on this device). On a single
-    process distsft's own checkpoint runs them (offloading their inputs with `model.offload_checkpoints`,
-    and skipping the down projection in the recompute); with DDP or DeepSpeed, torch's non-reentrant
-    checkpoint. Returns the plan (None when nothing is recomputed)."""
+    fewest that fit `model.memory_budget_gib` (distsft/recompute.py; measured on this device). distsft's
+    own checkpoint runs them in every mode (distsft/offload.py: inputs offloaded with
+    `model.offload_checkpoints`, the down projection skipped in the recompute). Its recompute and backward
+    run inside the layer's backward node, where DDP's and DeepSpeed's gradient hooks fire as in any
+    backward and ZeRO-3's hooks on the layer gather its weights again; tests/integration checks the
+    losses of every mode against one process. Returns the plan (None when nothing is recomputed)."""
     mode = cfg.model.gradient_checkpointing
     if mode is False:
         return None
     offload = cfg.model.offload_checkpoints
-    if offload and not single_process:
-        raise ValueError("model.offload_checkpoints=true is supported on one process only for now (its "
-                         "reentrant checkpoint is not wired into DDP/DeepSpeed gradient hooks); use "
-                         "model.gradient_checkpointing without offload there")
     budget = None if cfg.model.memory_budget_gib is None else int(cfg.model.memory_budget_gib * 2**30)
     if mode == "auto":
         dtype = next(model.causal_lm.parameters()).dtype
@@ -130,11 +139,31 @@ def setup_recomputation(model, cfg: Config, micro: int, *, single_process: bool)
         plan = RecomputePlan(num_layers=n, checkpointed=tuple(range(n)), budget_bytes=None,
                              layer_activation_bytes=0, checkpointed_layer_bytes=0, fixed_bytes=0, shared_bytes=0,
                              head_bytes=0, backward_bytes=0, batch_shape=(micro, cfg.data.max_seq_len))
-    fn = (offloaded_checkpoint if offload else device_checkpoint) if single_process else None
-    apply_recomputation(model, plan, fn=fn)
+    apply_recomputation(model, plan, fn=offloaded_checkpoint if offload else device_checkpoint)
     logger.info("recomputation: %s%s", plan if mode == "auto" else f"all {plan.num_layers} decoder layers",
                 " (inputs offloaded to host)" if offload else "")
     return plan
+
+
+def report_kernel_census(census, report, tracker, step: int, backend: str, is_main: bool) -> None:
+    """After the first step: which path every patched module ran, as the `kernels` event and one log
+    line, and a warning per reason for everything that did not run our kernel, from the main process
+    for every rank (a collective: the census of each rank is gathered)."""
+    from accelerate.utils import gather_object
+
+    mine = census.as_dict(report)
+    ranks = gather_object([mine])
+    short = {rank: r["missing"] for rank, r in enumerate(ranks) if r["missing"]}
+    tracker.event("kernels", step, **mine, ranks_short=short or None)
+    if not is_main:
+        return
+    logger.info("kernels run in step %d: %s", step + 1, census.summary(report))
+    for msg in census.fallback_warnings():
+        (logger.info if backend == "torch" else logger.warning)("%s", msg)
+    differ = {rank: r["ran"] for rank, r in enumerate(ranks) if r["ran"] != mine["ran"]}
+    if differ:
+        logger.warning("kernels: other ranks ran other paths in step %d than rank 0 (%s): %s", step + 1,
+                       mine["ran"], differ)
 
 
 def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch.dtype,
@@ -169,12 +198,22 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
 
 def main(cfg: Config) -> TrainOutput:
     check_trackers(cfg.logging)  # a missing W&B login fails here, before any GPU work
-    accelerator = build_accelerator(cfg)
+    # ZeRO-1/2 with a small trainable state run as DDP (distributed.zero12): decided before the process
+    # group exists, from the trainable count of a meta-device skeleton.
+    ds_request = requested_deepspeed(cfg.distributed)
+    stage = int((ds_request or {}).get("zero_optimization", {}).get("stage", 0))
+    as_ddp = zero12_as_ddp(cfg.distributed, ds_request, trainable_numel_on_meta(cfg.model, cfg.lora)
+                           if stage in (1, 2) and cfg.distributed.zero12 == "auto" else None,
+                           int(os.environ.get("WORLD_SIZE", "1")))
+    accelerator = build_accelerator(cfg, as_ddp=as_ddp is not None)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
     )
+    if as_ddp is not None:
+        logger.info("distributed: running the ZeRO-%d config as DDP (distributed.zero12=%s): %s; "
+                    "distributed.zero12=deepspeed keeps DeepSpeed", stage, cfg.distributed.zero12, as_ddp)
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
     if is_main:
@@ -213,6 +252,8 @@ def main(cfg: Config) -> TrainOutput:
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     configure_deepspeed(accelerator, micro_batch=micro, accum=accum, max_grad_norm=cfg.train.max_grad_norm,
                         dtype=compute_dtype)
+    zero3_filled = prepare_zero3(accelerator, decoder_layers(model), [p for p in model.parameters() if p.requires_grad],
+                                 cfg.distributed.zero3_gather, model.causal_lm.get_input_embeddings())
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     engine = deepspeed_engine(accelerator, model)  # DeepSpeed drives backward and step itself
@@ -220,7 +261,7 @@ def main(cfg: Config) -> TrainOutput:
         raise ValueError("checkpoint.save_merged=true is not supported under ZeRO-3 (the base weights are "
                          "partitioned); merge the exported adapter into the base model after training")
     register_head_for_zero3(unwrapped)
-    recompute_plan = setup_recomputation(unwrapped, cfg, micro, single_process=world == 1 and engine is None)
+    recompute_plan = setup_recomputation(unwrapped, cfg, micro)
     # Refuse an attention backend that lets packed documents see each other (a probe batch, a few ms).
     # After prepare: under ZeRO-3 the engine's hooks gather the weights (every rank runs it).
     if cfg.data.packing:
@@ -297,7 +338,9 @@ def main(cfg: Config) -> TrainOutput:
         tracker.event("recomputation", step, offload=cfg.model.offload_checkpoints, **fields)
     state["tracker_run_id"] = tracker.run_id
     tracker.event("model", step, dtype=str(compute_dtype).removeprefix("torch."),
-                  distributed=str(accelerator.distributed_type).split(".")[-1].lower())
+                  distributed=str(accelerator.distributed_type).split(".")[-1].lower(),
+                  zero_stage=zero_stage(accelerator), requested_zero_stage=stage, zero12_as_ddp=as_ddp,
+                  zero3=zero3_filled or None)
     if resume_path is not None:
         tracker.event("resumed", step, path=str(resume_path), from_world_size=state["world_size"])
         if state["world_size"] != world:
@@ -312,6 +355,7 @@ def main(cfg: Config) -> TrainOutput:
     reduce_sum = lambda t: accelerator.reduce(t, "sum")
     hf_config, lora_params = unwrapped.causal_lm.config, trainable_params(unwrapped)
     step_losses, window_losses, eval_losses, nonfinite_run = [], [], [], 0
+    census_pending = True
     window_real = window_slots = 0  # non-padding tokens / (rows x padded length) fed to the model
 
     # From here on SIGTERM/SIGUSR1 only set a flag: there is state worth saving. (Before, during data
@@ -342,7 +386,9 @@ def main(cfg: Config) -> TrainOutput:
             global_tokens, step_digest = (int(x) for x in counts.tolist())
         scale = backward_scale(global_tokens, world, engine_divides_by)
 
-        with timer.phase("fwd_bwd"):
+        # The first step of this process counts which path every patched module takes (kernel census).
+        census = record_kernels() if census_pending else contextlib.nullcontext()
+        with timer.phase("fwd_bwd"), census as ran:
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             for i, mb in enumerate(micro_batches):
                 mb = to_device(mb, device, cfg.data.packing, cfg.model.attn_implementation, compute_dtype)
@@ -357,6 +403,9 @@ def main(cfg: Config) -> TrainOutput:
                     (engine.backward if engine is not None else accelerator.backward)(s * scale)
                 loss_sum += s.detach().float()
 
+        if census_pending:
+            census_pending = False
+            report_kernel_census(ran, kernel_report, tracker, step, cfg.kernels.backend, is_main)
         with timer.phase("optimizer"):
             # Non-finite loss or gradients: decided on global values, so every rank takes the same branch.
             step_loss = float(reduce_sum(loss_sum)) / global_tokens

@@ -105,10 +105,14 @@ class Dequantizer:
     is `dequantize_4bit(..., out=out)`, and after the first call for a given kind of `out` (new, or a column
     slice of a given row stride) a call costs little more than the kernel launch (a QLoRA step with
     recomputation dequantizes each base weight three times, ~640 calls for an 8B model). It holds the
-    tensors it was built from: build a new one when the weight or its quantization state is replaced."""
+    tensors it was built from: build a new one when the weight or its quantization state is replaced.
+    Packed bytes that move between calls (a ZeRO-3 parameter lives in a new buffer after every gather)
+    are given per call instead, `fn(out, data=param.data)`, checked for size, layout and device only; with
+    `hold_data=False` the Dequantizer keeps no reference to the bytes it was built from (a held gathered
+    buffer would stay allocated after DeepSpeed releases the parameter)."""
 
     def __init__(self, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, *, blocksize: int,
-                 shape: tuple[int, ...], dtype: torch.dtype, nested: tuple | None = None):
+                 shape: tuple[int, ...], dtype: torch.dtype, nested: tuple | None = None, hold_data: bool = True):
         n_out = 1
         for s in shape:
             n_out *= int(s)
@@ -128,18 +132,31 @@ class Dequantizer:
             tables, blocksize2 = (absmax, code, absmax), 1
         self.shape, self.dtype, self.device = tuple(int(s) for s in shape), dtype, data.device
         self.n_bytes, self.n_out = n_bytes, n_out
-        self.tensors = (raw, absmax, code, *tables)
+        self.data = raw if hold_data else None
+        self.tables = (absmax, code, *tables)
         grid, block, warps = _launch(n_bytes)
         self.grid = grid
         self.meta = dict(NESTED=nested is not None, BLOCKSIZE=int(blocksize), BLOCKSIZE2=blocksize2, BLOCK=block,
                          num_warps=warps, enable_fp_fusion=False)
         self._launches: dict = {}  # (device, ROW, out row stride, out 16-byte aligned) -> fn(grid, args, device)
 
-    def __call__(self, out: torch.Tensor | None = None, tail: tuple | None = None) -> torch.Tensor:
+    def __call__(self, out: torch.Tensor | None = None, tail: tuple | None = None,
+                 data: torch.Tensor | None = None) -> torch.Tensor:
         """The weight, into `out` when given. `tail = (b, col, width)`, with `out` a column slice of a
         wider buffer: also write the `width` columns that follow `out` in each of its rows, zeros but
         `b` (rows x r, contiguous, any float dtype, cast) in columns col .. col + r - 1 of them (the
-        [W | B_pad] operand of distsft_kernels.lora_projections, in the same launch as W)."""
+        [W | B_pad] operand of distsft_kernels.lora_projections, in the same launch as W). `data`: the
+        packed bytes to read this time (the same weight, wherever it lies now); default those it was
+        built from."""
+        if data is None:
+            raw = self.data
+            if raw is None:
+                raise ValueError("dequantize_4bit: this Dequantizer was built with hold_data=False: pass data=")
+        else:
+            raw = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+            if raw.numel() < self.n_bytes or not raw.is_contiguous() or raw.device != self.device:
+                raise ValueError(f"dequantize_4bit: data has {raw.numel()} bytes on {raw.device} (contiguous: "
+                                 f"{raw.is_contiguous()}), the weight needs {self.n_bytes} contiguous on {self.device}")
         row = out_stride = 0
         if out is None:
             if tail is not None:
@@ -153,7 +170,7 @@ class Dequantizer:
                 raise ValueError(f"dequantize_4bit: out must have contiguous rows (2-D, last stride 1), got "
                                  f"strides {tuple(out.stride())}")
             row, out_stride = self.shape[1], out.stride(0)
-        grid, tail_args, tail_meta = self.grid, (self.tensors[0], 0, 0, 0, 0, 0), (False, 1, 1)
+        grid, tail_args, tail_meta = self.grid, (raw, 0, 0, 0, 0, 0), (False, 1, 1)
         if tail is not None:
             b, col, width = tail
             rows, cols = self.shape[0], b.shape[-1]
@@ -167,7 +184,7 @@ class Dequantizer:
             tail_args = (b, rows, cols, int(col), int(width), grid[0])
             tail_meta = (True, tail_rows, tail_w)
             grid = (grid[0] + cdiv(rows, tail_rows),)
-        args = (*self.tensors, out, self.n_bytes, self.n_out, out_stride, *tail_args)
+        args = (raw, *self.tables, out, self.n_bytes, self.n_out, out_stride, *tail_args)
         device = _get_device() if out.is_cuda else None
         key = (device, row, out_stride, not out.data_ptr() & 15, tail_meta,
                tail and (tail_args[0].dtype, not tail_args[0].data_ptr() & 15, *tail_args[1:5]))
@@ -181,10 +198,10 @@ class Dequantizer:
         return out
 
     @classmethod
-    def from_state(cls, data: torch.Tensor, state) -> Dequantizer:
+    def from_state(cls, data: torch.Tensor, state, hold_data: bool = True) -> Dequantizer:
         """From a bitsandbytes `QuantState`: the weight in `state.dtype`."""
         return cls(data, state.absmax, state.code, blocksize=state.blocksize, shape=tuple(state.shape),
-                   dtype=state.dtype, nested=_nested(state))
+                   dtype=state.dtype, nested=_nested(state), hold_data=hold_data)
 
 
 def _nested(state) -> tuple | None:
