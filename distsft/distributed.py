@@ -193,7 +193,25 @@ def _output_requires_grad(module, inputs, output):
     return output.requires_grad_(True)
 
 
-def prepare_zero3(accelerator, layers, trainable, gather: str, embeddings: torch.nn.Module) -> dict:
+def _list_parameters_once(module: torch.nn.Module) -> None:
+    """Give this module instance a `named_parameters` that walks its tree once per argument set and then
+    returns the same list. DeepSpeed asks a leaf module for its parameters, recursively, in every fetch,
+    release and gradient hook (thousands of walks per step, each through ~100 peft submodules of a
+    decoder layer: the largest host cost of ZeRO-3 per step after gathering per layer). A decoder layer's
+    tree does not change once training starts; undone by deleting the instance attribute."""
+    walk = module.named_parameters  # the class's method, bound
+    listed: dict[tuple, tuple] = {}
+
+    def named_parameters(prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        key = (prefix, recurse, remove_duplicate)
+        if key not in listed:
+            listed[key] = tuple(walk(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate))
+        return iter(listed[key])
+
+    module.__dict__["named_parameters"] = named_parameters
+
+
+def prepare_zero3(accelerator, model: torch.nn.Module, layers, embeddings: torch.nn.Module, gather: str) -> dict:
     """Before `accelerator.prepare` under ZeRO-3 (a no-op otherwise): how DeepSpeed gathers the model.
 
     `gather="layer"` (`distributed.zero3_gather`): every decoder layer becomes a DeepSpeed leaf module. Its
@@ -213,7 +231,11 @@ def prepare_zero3(accelerator, layers, trainable, gather: str, embeddings: torch
     layer's own parameter gradients exist, and reduces zeros for them (the late gradient then fails to
     accumulate into the released parameter). So the embedding's output is made to require grad (as
     transformers' `enable_input_require_grads` does): the first layer then behaves like every other,
-    at the cost of one (tokens, hidden) gradient that nothing reads."""
+    at the cost of one (tokens, hidden) gradient that nothing reads.
+
+    DeepSpeed also walks the parameter tree of every leaf layer in each fetch, release and gradient hook,
+    and of the whole model twice per optimizer step: `model` and each layer list their parameters once
+    (`_list_parameters_once`; their trees are fixed from here on: merging is refused under ZeRO-3)."""
     if zero_stage(accelerator) != 3:
         return {}
     zero = accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {})
@@ -223,6 +245,8 @@ def prepare_zero3(accelerator, layers, trainable, gather: str, embeddings: torch
 
     filled = {}
     if gather == "layer":
+        for layer in (*layers, model):
+            _list_parameters_once(layer)
         for layer in layers:
             layer._z3_leaf = True  # deepspeed.utils.set_z3_leaf_module (DeepSpeed reads this flag)
         embeddings.register_forward_hook(_output_requires_grad)
@@ -230,7 +254,7 @@ def prepare_zero3(accelerator, layers, trainable, gather: str, embeddings: torch
         wanted = {"stage3_prefetch_bucket_size": layer_numel,
                   "stage3_max_live_parameters": max(10**9, 3 * layer_numel),
                   "stage3_max_reuse_distance": max(10**9, 3 * layer_numel)}
-        largest = max((numel(p) for p in trainable), default=0)
+        largest = max((numel(p) for p in model.parameters() if p.requires_grad), default=0)
         if largest <= ZERO3_PERSISTENCE_CAP:
             wanted["stage3_param_persistence_threshold"] = largest
         for key, value in wanted.items():

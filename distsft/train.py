@@ -252,8 +252,8 @@ def main(cfg: Config) -> TrainOutput:
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     configure_deepspeed(accelerator, micro_batch=micro, accum=accum, max_grad_norm=cfg.train.max_grad_norm,
                         dtype=compute_dtype)
-    zero3_filled = prepare_zero3(accelerator, decoder_layers(model), [p for p in model.parameters() if p.requires_grad],
-                                 cfg.distributed.zero3_gather, model.causal_lm.get_input_embeddings())
+    zero3_filled = prepare_zero3(accelerator, model, decoder_layers(model), model.causal_lm.get_input_embeddings(),
+                                 cfg.distributed.zero3_gather)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     engine = deepspeed_engine(accelerator, model)  # DeepSpeed drives backward and step itself

@@ -75,12 +75,26 @@ DEFAULT_MODES = ("none,zero1,zero2,zero2-ds,zero3,zero3-module,none+gc,zero3+gc,
                  "none+qlora+lean,zero3+qlora+lean")
 
 
-def mode_overrides(mode: str) -> dict[str, str]:
+def mode_overrides(mode: str, workdir: Path) -> dict[str, str]:
+    """The trainer overrides of `mode`. `base@key=value@...` also sets `zero_optimization.key` (a JSON
+    value) in a copy of the base's DeepSpeed JSON written to `workdir` (for trying DeepSpeed settings)."""
     base, *variants = mode.split("+")
+    base, *settings = base.split("@")
     if base not in BASES or any(v not in VARIANTS for v in variants):
         raise SystemExit(f"unknown mode {mode!r}: a base of {sorted(BASES)} with variants of {sorted(VARIANTS)}")
     out = {k: (str(REPO / "ds_configs" / f"{v}.json") if k == "distributed.deepspeed_config" else v)
            for k, v in BASES[base].items()}
+    if settings:
+        if "distributed.deepspeed_config" not in out:
+            raise SystemExit(f"{mode}: @settings need a DeepSpeed base")
+        ds = json.loads(Path(out["distributed.deepspeed_config"]).read_text())
+        for kv in settings:
+            key, _, value = kv.partition("=")
+            v = json.loads(value)
+            ds["zero_optimization"][key] = int(v) if isinstance(v, float) and v.is_integer() else v
+        path = workdir / f"ds_{mode.split('+')[0].replace('@', '_').replace('=', '-')}.json"
+        path.write_text(json.dumps(ds, indent=1))
+        out["distributed.deepspeed_config"] = str(path)
     for v in variants:
         out.update(VARIANTS[v])
     return out
@@ -237,7 +251,7 @@ class Bench:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}"]
 
     def trainer(self, mode: str) -> None:
-        a, name = self.args, mode.replace("+", "_")
+        a, name = self.args, mode.replace("+", "_").replace("@", "_").replace("=", "-")
         out = self.work / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
         o = {"model.name_or_path": self.model_dir(), "model.tokenizer": "builtin:tiny-llama",
@@ -250,7 +264,7 @@ class Bench:
              "checkpoint.save_steps": 0, "logging.logging_steps": 1, "logging.progress_bar": "false"}
         if self.cpu:
             o.update({"model.attn_implementation": "eager", "kernels.backend": "auto"})
-        o.update(mode_overrides(mode))
+        o.update(mode_overrides(mode, self.work))
         cmd = [*self.torchrun(), str(TRAIN), *(f"{k}={v}" for k, v in o.items())]
         rc, secs = run_logged(cmd, self.env, self.work / f"{name}.log", self.remaining() - 5)
         row = {"kind": "distsft", "mode": mode, "rc": rc, "seconds": round(secs, 1), "command": shlex.join(cmd),
