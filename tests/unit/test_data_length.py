@@ -32,7 +32,7 @@ def test_exactly_max_seq_len_is_kept(tmp_path):
 
 
 def test_raise_names_file_and_row(tmp_path):
-    with pytest.raises(DataError, match=r"d\.jsonl row 1: 38 tokens > data\.max_seq_len=32"):
+    with pytest.raises(DataError, match=r"d\.jsonl row 1 \(line 2\): too_long: 38 tokens > data\.max_seq_len=32"):
         build(tmp_path, [SHORT, LONG_PROMPT], length_policy="raise")
 
 
@@ -47,14 +47,20 @@ def test_truncate_prompt_cuts_from_the_left_keeps_bos_and_response(tmp_path):
 
 
 def test_truncate_prompt_multi_turn_never_cuts_the_last_response(tmp_path):
+    """Regression (issue 19): truncate_prompt cut 64 tokens' worth from the left of the whole rendered
+    conversation, into the first reply, and still trained that reply's tail right after BOS with no role
+    header. Now the first exchange goes whole and the rest is a well-formed conversation."""
     row = {"messages": [{"role": "user", "content": "u" * 20}, {"role": "assistant", "content": "first"},
                         {"role": "user", "content": "again"}, {"role": "assistant", "content": "last"}]}
     path = write_jsonl(tmp_path / "m.jsonl", [row])
     b = build_datasets(cfg(path, packing=False, max_seq_len=64, length_policy="truncate_prompt",
                            chat_template="chatml"), byte_tokenizer(), seed=0)
     ids = b.train[0]["input_ids"].tolist()
-    assert len(ids) == 64 and ids[0] == BOS
-    assert byte_tokenizer().decode(trained_ids(b.train[0])).endswith("last<|im_end|>\n")
+    assert byte_tokenizer().decode(ids) == ("<s><|im_start|>user\nagain<|im_end|>\n"
+                                            "<|im_start|>assistant\nlast<|im_end|>\n")
+    assert byte_tokenizer().decode(trained_ids(b.train[0])) == "last<|im_end|>\n"
+    r = b.report.sources[0]
+    assert r.truncated == 1 and "dropped the first 1 of 2 exchanges" in r.truncations[0].detail
 
 
 def test_no_trainable_tokens_dropped(tmp_path):
