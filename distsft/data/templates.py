@@ -97,7 +97,6 @@ MARK_OPEN, MARK_CLOSE = "\U0010fff0", "\U0010fff1"  # around a control-token lit
 SENT_OPEN, SENT_CLOSE = "\U0010fff2", "\U0010fff3"  # around one content, to find where the template writes it
 PRIVATE = (MARK_OPEN, MARK_CLOSE, SENT_OPEN, SENT_CLOSE)
 _PRIVATE_RE = re.compile("[" + "".join(PRIVATE) + "]")
-MARKED_RE = re.compile(f"{MARK_OPEN}(.*?){MARK_CLOSE}", re.DOTALL)
 
 
 def template_source(name: str) -> str:
@@ -147,6 +146,26 @@ def control_tokens(tokenizer, template: str) -> tuple[str, ...]:
 
 def control_pattern(tokens: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def marked_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """A marked literal: exactly one control token between the two markers. A template's string operations
+    can separate a marker from its partner (Qwen3 splits content at `</think>`); requiring a control token
+    in between keeps a lone marker from pairing up across the template's own markup."""
+    inner = "|".join(map(re.escape, tokens)) or "(?!)"
+    return re.compile(f"{MARK_OPEN}({inner}){MARK_CLOSE}")
+
+
+def split_inline_reasoning(msg: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message whose content holds `<think>...</think>` (and no reasoning_content), with the
+    reasoning moved to `reasoning_content`, split exactly the way Qwen3's template splits it. Done for
+    templates that read `reasoning_content`, before control-token literals are marked, so the markers do
+    not stop the template's `strip('\\n')` from removing the newlines around the tags."""
+    content = msg.get("content") or ""
+    if msg["role"] != "assistant" or "reasoning_content" in msg or "</think>" not in content:
+        return msg
+    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    return {**msg, "content": content.split("</think>")[-1].lstrip("\n"), "reasoning_content": reasoning}
 
 
 def mark_controls(obj: Any, pattern: re.Pattern | None) -> tuple[Any, bool]:
@@ -264,6 +283,8 @@ class ChatRenderer:
         self.template = template
         self.control = control_tokens(tokenizer, template)
         self.control_re = control_pattern(self.control)
+        self.marked_re = marked_pattern(self.control)
+        self.reads_reasoning = "reasoning_content" in template
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                add_generation_prompt: bool = False) -> str:
@@ -282,6 +303,8 @@ class ChatRenderer:
         """Render `ex` and find the span of every trained assistant turn; raise `RowRejected` when a span
         cannot be placed or verified (the reason says which turn and why)."""
         messages, tools, marked = ex.messages, ex.tools, False
+        if self.reads_reasoning:
+            messages = [split_inline_reasoning(m) for m in messages]
         if self.control_re is not None or any(_PRIVATE_RE.search(m.get("content") or "") for m in messages):
             (messages, tools), marked = mark_controls((messages, tools), self.control_re)
         try:
@@ -321,7 +344,7 @@ class ChatRenderer:
 
     def _turn_span(self, messages, tools, i: int, full: str) -> tuple[int, int]:
         try:
-            upto = self.render(messages[: i + 1], tools)
+            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1], tools)
         except Exception as e:
             raise RowRejected("template_error", f"assistant turn {i}: {_one_line(e)}") from None
         before = self._try(messages[:i], tools, gen=True) if i > 0 else None
