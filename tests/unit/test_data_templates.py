@@ -225,3 +225,105 @@ def test_all_weights_zero_and_bad_weight_are_rejections(tmp_path):
     assert "weight 0" in rejection(tmp_path, "qwen2.5", zero).detail
     bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}
     assert rejection(tmp_path, "qwen2.5", bad).reason == "wrong_type"
+
+
+# ---------------------------------------------------------------------------------------------------
+# control-token text in the data stays text
+
+
+def _control_ids(tok) -> set[int]:
+    return set(tok.all_special_ids) | set(tok.added_tokens_decoder)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_special_token_text_in_chat_rows_stays_text(tmp_path, family):
+    """Regression (issue 19): a literal `<|im_end|>` in a reply was tokenized as EOS and trained
+    mid-document, and a literal `<|begin_of_text|>` became a second BOS. Data text is text: the document
+    holds exactly the control tokens the template writes for the same conversation without the literals."""
+    tok, f = tiny_tokenizer(family), FAMILIES[family]
+    literals = [f.eos, *f.special[:3], "<|begin_of_text|>", "<|im_start|>", "<think>", "[INST]", "<tool_call>"]
+    text = "see " + " and ".join(literals)
+    row = {"messages": [{"role": "user", "content": "Quote " + text},
+                        {"role": "assistant", "content": "Sure: " + text}]}
+    plain = {"messages": [{"role": "user", "content": "Quote x"}, {"role": "assistant", "content": "Sure: x"}]}
+    runs, b = runs_of(tmp_path, family, row)
+    assert runs == [reply(family, "Sure: " + text, last=True)]
+    ids = b.train[0]["input_ids"].tolist()
+    plain_ids = runs_of(tmp_path, family, plain)[1].train[0]["input_ids"].tolist()
+    control = _control_ids(tok)
+    assert [i for i in ids if i in control] == [i for i in plain_ids if i in control]
+    assert tok.decode(ids) == tok.apply_chat_template(row["messages"], tokenize=False)
+
+
+@pytest.mark.parametrize("row", [{"text": "<|begin_of_text|>Hello<|eot_id|> world <|end_of_text|>"},
+                                 {"prompt": "<|begin_of_text|>Q: <|eot_id|>", "completion": " A <|eot_id|>!"}])
+def test_special_token_text_in_raw_rows_stays_text(tmp_path, row):
+    """The same bug in text and prompt/completion rows: one BOS and one EOS, both from the pipeline."""
+    tok = tiny_tokenizer("llama-3.1")
+    b = build_one(tmp_path, [row], tok)
+    ids = b.train[0]["input_ids"].tolist()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1 and ids[-1] == eos and ids.count(eos) == 1
+    assert not set(ids[1:-1]) & _control_ids(tok)
+    prompt, response = row.get("prompt", ""), row.get("completion", row.get("text"))
+    assert tok.decode(ids) == "<|begin_of_text|>" + prompt + response + "<|eot_id|>"
+    assert trained_runs(b.train[0], tok) == [response + "<|eot_id|>"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# truncate_prompt: whole earlier exchanges, never a reply
+
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+
+
+def exchange(k: int) -> list[dict]:
+    return [{"role": "user", "content": f"question {k}: " + "pad " * 30},
+            {"role": "assistant", "content": f"answer {k}"}]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama-3.1", "gemma-3", "mistral-v0.3"])
+def test_truncation_drops_whole_earlier_exchanges(tmp_path, family):
+    """Regression (issue 19): truncate_prompt on a multi-turn row cut tokens from the left of the rendered
+    conversation, into an earlier reply whose tail was still trained right after BOS with no role header.
+    Now the oldest exchanges go whole, the system prompt stays, and the result is the template's own
+    rendering of the conversation that is left."""
+    system = [] if family == "mistral-v0.3" else [SYSTEM]  # Mistral v0.3 drops it (a rejection, above)
+    row = {"messages": [*system, *exchange(1), *exchange(2), *exchange(3)]}
+    kept = {"messages": [*system, *exchange(2), *exchange(3)]}
+    _, whole = runs_of(tmp_path, family, kept)
+    want = whole.train[0]["input_ids"].tolist()
+    runs, b = runs_of(tmp_path, family, row, max_seq_len=len(want), length_policy="truncate_prompt")
+    assert b.train[0]["input_ids"].tolist() == want
+    assert runs == [reply(family, "answer 2"), reply(family, "answer 3", last=True)]
+    src = b.report.sources[0]
+    assert src.truncated == 1 and "dropped the first 1 of 3 exchanges (2 messages)" in src.truncations[0].detail
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama-3.1", "gemma-3"])
+def test_single_turn_truncation_keeps_system_prompt_and_header(tmp_path, family):
+    """Regression (issue 19): single-turn truncation removed the system prompt and the chat header (it cut
+    from the left of the whole document). Now only the user message's first tokens go."""
+    tok = tiny_tokenizer(family)
+    words = " ".join(f"w{i}" for i in range(300))
+    row = {"messages": [SYSTEM, {"role": "user", "content": "Summarise: " + words},
+                        {"role": "assistant", "content": "short"}]}
+    _, whole = runs_of(tmp_path, family, row)
+    full = tok.decode(whole.train[0]["input_ids"].tolist())
+    n = len(whole.train[0]["input_ids"])
+    runs, b = runs_of(tmp_path, family, row, max_seq_len=n - 50, length_policy="truncate_prompt")
+    ids = b.train[0]["input_ids"].tolist()
+    text = tok.decode(ids)
+    head, tail = full[: full.index("Summarise")], full[full.index("w299") + len("w299"):]
+    assert len(ids) == n - 50 and runs == [reply(family, "short", last=True)]
+    assert text.startswith(head) and text.endswith(tail) and "You are terse." in head
+    middle = text[len(head): len(text) - len(tail)]
+    assert "Summarise" not in middle and (words).endswith(middle) and middle.endswith("w299")
+
+
+def test_a_reply_is_never_cut(tmp_path):
+    long_reply = {"messages": [SYSTEM, {"role": "user", "content": "q"},
+                               {"role": "assistant", "content": "word " * 400}]}
+    src = build_one(tmp_path, [long_reply, GOOD], tiny_tokenizer("qwen2.5"), chat_template="qwen2.5",
+                    max_seq_len=128, length_policy="truncate_prompt").report.sources[0]
+    assert [(d.row, d.reason) for d in src.drops] == [(0, "response_too_long")] and src.accepted == 1
