@@ -218,9 +218,6 @@ def check_token_ids(bundle: DataBundle, embedding_rows: int, tokenizer) -> None:
     `check_token_ids(data, model.causal_lm.get_input_embeddings().num_embeddings, tokenizer)`."""
     hint = (f"the tokenizer ({len(tokenizer)} tokens) does not match the model's embedding ({embedding_rows} "
             "rows): use the model's own tokenizer, or resize the embeddings to the tokenizer")
-    pad = tokenizer.pad_token_id
-    if pad is not None and pad >= embedding_rows:
-        raise DataError(f"the pad token {tokenizer.pad_token!r} has id {pad} >= {embedding_rows}: {hint}")
     parts = list(bundle.train.sources) + (list(bundle.eval.sources) if bundle.eval is not None else [])
     for ts in parts:
         if 0 <= ts.report.max_token_id < embedding_rows or len(ts.tokens) == 0:
@@ -233,3 +230,6 @@ def check_token_ids(bundle: DataBundle, embedding_rows: int, tokenizer) -> None:
         tok = int(ts.tokens[i])
         raise DataError(f"{ts.report.name} row {int(ts.rows[doc])}: token id {tok} "
                         f"({tokenizer.convert_ids_to_tokens(tok)!r}) >= {embedding_rows}: {hint}")
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad >= embedding_rows:  # padding goes through the embedding too
+        raise DataError(f"the pad token {tokenizer.pad_token!r} has id {pad} >= {embedding_rows}: {hint}")

@@ -180,3 +180,21 @@ def test_num_proc_not_used_where_it_cannot_be_faster(monkeypatch):
     assert tk._workers(8, src(25_000), 100) == 2
     monkeypatch.setattr(tk, "usable_cores", lambda: 2)
     assert tk._workers(4, src(1_000_000), 100) == 1  # no spare core
+
+
+def test_damaged_entry_is_rebuilt_and_replaced(tmp_path, path, caplog):
+    """Regression (issue 19): a damaged cache entry (here a truncated tokens.npy) was ignored and the data
+    re-tokenized on every run, because the new entry could not be renamed over the old one."""
+    c = cfg(path, cache_dir=str(tmp_path / "cache"))
+    first = build_datasets(c, byte_tokenizer(), seed=0)
+    entry = next((tmp_path / "cache" / "tokenized").iterdir())
+    tokens = entry / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-40])
+    with caplog.at_level(logging.WARNING, logger="distsft.data"):
+        second = build_datasets(c, byte_tokenizer(), seed=0)
+    assert second.report.sources[0].cache == "miss"
+    assert any("is damaged" in m and "rebuilding" in m for m in caplog.messages)
+    third = build_datasets(c, byte_tokenizer(), seed=0)
+    assert third.report.sources[0].cache == "hit"
+    assert samples(third) == samples(first)
+    assert [p.name for p in (tmp_path / "cache" / "tokenized").iterdir()] == [entry.name]  # no leftovers
