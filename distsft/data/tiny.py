@@ -9,7 +9,7 @@ template renders, BOS handling) is the family's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from distsft.data.templates import ASSETS, template_source
 
@@ -25,7 +25,6 @@ class Family:
     by `skip_special_tokens`."""
     adds_bos: bool = False
     """The tokenizer's own encoding prepends BOS (Llama, Gemma, Mistral)."""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {
