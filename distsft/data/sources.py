@@ -40,7 +40,6 @@ COMPRESSED = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")
 """The types also read compressed (Parquet and Arrow compress inside the file)."""
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json")
-SUPPORTED_SUFFIXES = DATA_SUFFIXES  # kept for callers of the old name
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 _MEMORY: dict[str, Any] = {}

@@ -278,3 +278,64 @@ def test_jsonl_in_a_source_config_with_explicit_format_and_bad_rows(tmp_path):
     path = write_json(tmp_path / "d.json", [GOOD, {"instruction": 3, "output": "a"}, "row"])
     src = build(DataSourceConfig(path=str(path), format="alpaca")).report.sources[0]
     assert [(r.row, r.line, r.reason) for r in src.rejections] == [(1, None, "wrong_type"), (2, None, "not_an_object")]
+
+
+def test_json_lines_are_streamed_not_read_whole(tmp_path, monkeypatch):
+    """JSON lines (plain or compressed) are read line by line: the first rows arrive before the file ends."""
+    from pathlib import Path
+
+    from distsft.data.sources import open_source
+
+    def no_whole_reads(*a, **k):
+        raise AssertionError("read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_reads)
+    monkeypatch.setattr(Path, "read_text", no_whole_reads)
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(GOOD) + "\n" for _ in range(1000))
+    with open(path, "ab") as f:
+        f.write(b"\x1f\x8b broken tail")  # the end is damaged: the rows before it still stream out
+    rows = iter(open_source(str(path)))
+    assert next(rows)[1:] == (0, 1, GOOD)
+    with pytest.raises(DataError, match=r"d\.jsonl\.gz: cannot read this file"):
+        list(rows)
+
+
+def test_chat_rows_from_parquet(tmp_path):
+    """Arrow gives every row every key (None where a row had none): tool rows and plain rows side by side."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    call = {"id": "call12345", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "content": "1", "tool_call_id": "call12345"},
+                          {"role": "assistant", "content": "done", "reasoning_content": None, "weight": 1}]}]
+    path = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    b = build_datasets(cfg(path, packing=False), byte_tokenizer(chat_template=QWEN_LIKE), seed=0)
+    assert b.report.sources[0].accepted == 2, b.report.sources[0].rejections
+
+
+QWEN_LIKE = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + (m.content or '') }}"
+             "{% for c in m.tool_calls or [] %}{{ 'CALL ' + c.function.name + (c.function.arguments | tojson) }}"
+             "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_show_prints_everything(tmp_path, capsys):
+    chat = {"messages": [{"role": "user", "content": "Reply with exactly: fine thanks"},
+                         {"role": "assistant", "content": "fine thanks"},
+                         {"role": "user", "content": "Quote it"},
+                         {"role": "assistant", "content": "It is <|im_end|>"}]}
+    rows = [chat] * 3 + [{"messages": [{"role": "wizard", "content": "x"}]}, {"prompt": "p", "completion": "w " * 600}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert inspect_main(["--data", str(path), "--tokenizer", "builtin:tiny-qwen3", "--cache-dir", "none",
+                         "--show", "1", "--max-seq-len", "256", "--no-packing"]) == 0
+    out = capsys.readouterr().out
+    assert "d.jsonl row 3 (line 4): unknown_role" in out and "d.jsonl row 4 (line 5): too_long" in out
+    assert "<|im_start|>assistant\n[[fine thanks<|im_end|>\n]]" in out
+    assert "[[<think>\n\n</think>\n\nIt is <|im_end|><|im_end|>\n]]" in out
+    assert "control tokens: <|im_start|> x4, <|im_end|> x4, <think> x1, </think> x1" in out
