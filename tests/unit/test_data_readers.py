@@ -54,6 +54,7 @@ def test_json_lines_python_refuses_are_rejections(tmp_path):
 
 
 def test_json_file_python_refuses_is_one_line_error(tmp_path):
+    """Regression (issue 19): the same inputs in a .json file ended the run with a traceback."""
     path = tmp_path / "big.json"
     path.write_text('[{"instruction": "q", "output": ' + "7" * 5000 + "}]")
     one_line_error(path, r"big\.json: not readable JSON \(Exceeds the limit \(4300 digits\)")
@@ -89,6 +90,7 @@ def test_utf8_bom_is_dropped(tmp_path, suffix):
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_utf16_with_bom_is_read(tmp_path, suffix):
+    """Regression (issue 19): UTF-16 files (as Windows tools save them) failed to decode with a traceback."""
     path = tmp_path / f"d{suffix}"
     body = {".jsonl": json.dumps(GOOD) + "\r\n" + json.dumps({"instruction": "é", "output": "ü"}) + "\r\n",
             ".json": json.dumps([GOOD, GOOD]), ".csv": "instruction,output\r\nq,a\r\né,ü\r\n"}[suffix]
@@ -113,6 +115,7 @@ def _table(tmp_path):
 
 
 def test_corrupt_and_truncated_parquet_is_one_line_error(tmp_path):
+    """Regression (issue 19): a corrupt or truncated Parquet file ended the run with pyarrow's traceback."""
     import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
@@ -125,6 +128,7 @@ def test_corrupt_and_truncated_parquet_is_one_line_error(tmp_path):
 
 
 def test_corrupt_and_truncated_arrow_is_one_line_error(tmp_path):
+    """Regression (issue 19): the same for Arrow files."""
     import pyarrow as pa
 
     path = tmp_path / "d.arrow"

@@ -10,6 +10,8 @@ from distsft.data.tiny import tiny_tokenizer
 
 
 def test_token_id_past_the_embedding_names_token_and_row(tmp_path):
+    """Regression (issue 19): a tokenizer with more tokens than the model's embedding failed in the first
+    forward (IndexError on CPU, a device-side assert on a GPU) with no word of which token or row."""
     tok = tiny_tokenizer("llama-3.1")  # the embedded vocabulary (2,048 tokens) plus Llama's, past it
     rows = [{"text": "plain text"}, {"messages": [{"role": "user", "content": "q"},
                                                   {"role": "assistant", "content": "a"}]}]
