@@ -156,7 +156,9 @@ class DataSourceConfig:
         _require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
 
 
-_CHAT_TEMPLATE_NAMES = ("auto", "tokenizer", "llama-3", "chatml", "mistral", "alpaca")
+# distsft.data.templates.TEMPLATE_NAMES plus auto/tokenizer (spelled out: config must not import data)
+_CHAT_TEMPLATE_NAMES = ("auto", "tokenizer", "llama-3", "chatml", "mistral", "alpaca",
+                        "qwen2.5", "qwen3", "llama-3.1", "gemma-3", "mistral-v0.3")
 
 
 @dataclass(kw_only=True)
@@ -171,13 +173,15 @@ class DataConfig:
     eval_fraction: float = 0.0
     chat_template: str = "auto"
     """`auto` (the tokenizer's own, else chatml), `tokenizer`, `llama-3`, `chatml`, `mistral` or `alpaca`;
+    the real templates `qwen2.5`, `qwen3`, `llama-3.1`, `gemma-3`, `mistral-v0.3` (shipped with distsft);
     or a path to a `.jinja` file, or a Jinja template string."""
     train_on_inputs: bool = False
     """Put prompt tokens in the loss too (default: assistant turns only)."""
     max_seq_len: int = 512
     length_policy: Literal["drop", "truncate_prompt", "raise"] = "drop"
-    """Rows longer than `max_seq_len`: drop them, cut the prompt from the left, or stop with an error.
-    The response is never cut."""
+    """Rows longer than `max_seq_len`: drop them, cut the prompt, or stop with an error. `truncate_prompt`
+    cuts a raw prompt from the left; in a conversation it drops whole earlier exchanges (keeping the system
+    prompt), then cuts the last user message from the left. A reply is never cut."""
     packing: bool = True
     """Pack several documents into each `max_seq_len` slot; attention never crosses a document."""
     shuffle: bool = True
@@ -188,11 +192,12 @@ class DataConfig:
     max_drop_ratio: float = 0.5
     """Fail when more than this share of a source's rows is rejected or dropped."""
     log_rejections: int = 5
-    """Log this many rejected rows per source in full; the rest are only counted."""
+    """Log this many rejected rows per source in full; `data_report.json` lists them all."""
     cache_dir: str | None = None
     """Where tokenized datasets are cached; default `~/.cache/distsft/data`. `none` disables the cache."""
     num_proc: int = 1
-    """Worker processes for tokenization (the main process only)."""
+    """Worker processes for tokenization (the main process only); used when each worker gets at least
+    2,000 rows, since starting one costs seconds."""
     progress_bar: bool = True
     """Show a progress bar while tokenizing (main process only)."""
 

@@ -12,6 +12,9 @@
 Every rank makes the same decisions: the main process tokenizes and writes the cache inside
 `main_process_first()`, the others then read it; everything after (split, mix, packing plan) is a
 deterministic function of the cached arrays and the seed.
+
+Before the first forward, `check_token_ids(bundle, embedding_rows, tokenizer)` refuses data whose token ids
+the model's embedding cannot index (a tokenizer that does not match the model), naming the token and row.
 """
 
 from __future__ import annotations
@@ -38,16 +41,16 @@ from distsft.data.packing import (
     pack_best_fit_decreasing,
     packed_attention_kwargs,
 )
-from distsft.data.report import DataError, DataReport, Rejection, SourceReport, SplitStats
+from distsft.data.report import DataError, DataReport, Dropped, Rejection, SourceReport, SplitStats
 from distsft.data.sampler import GlobalBatchSampler
 from distsft.data.sources import open_source, register_dataset
 from distsft.data.templates import BUILTIN_TEMPLATES, resolve_template
 from distsft.data.tokenization import TokenizedSource, tokenize_source
 
 __all__ = [
-    "BUILTIN_TEMPLATES", "DataBundle", "DataError", "DataReport", "GlobalBatchSampler", "PackedDataset",
-    "PackingIsolationError", "VARLEN_IMPLEMENTATIONS", "Rejection", "SourceReport", "build_datasets",
-    "check_packing_isolation",
+    "BUILTIN_TEMPLATES", "DataBundle", "DataError", "DataReport", "Dropped", "GlobalBatchSampler",
+    "PackedDataset", "PackingIsolationError", "VARLEN_IMPLEMENTATIONS", "Rejection", "SourceReport",
+    "build_datasets", "check_packing_isolation", "check_token_ids",
     "collate", "cu_seqlens_from_position_ids", "document_attention_mask", "document_ids",
     "load_source", "pack_best_fit_decreasing", "packed_attention_kwargs", "register_dataset",
 ]
@@ -85,7 +88,7 @@ def load_source(spec: DataSourceConfig, cfg: DataConfig, tokenizer, *, role: str
             if is_main_process:
                 logger.info("%s: reusing the tokenization cache %s (%d documents, %d rows rejected)",
                             spec.path, path, len(ts), ts.report.num_rejected)
-                for r in ts.report.rejected_examples:
+                for r in ts.report.rejections[: cfg.log_rejections]:
                     logger.warning("rejected %s", r)
             return ts
     ts = tokenize_source(
@@ -107,7 +110,8 @@ def _check_usable(ts: TokenizedSource, max_drop_ratio: float) -> None:
     r = ts.report
     what = (f"{r.rows_read} rows read; rejected {r.num_rejected} {r.rejected or ''}; "
             f"dropped {r.num_dropped} {r.dropped or ''}").replace(" ;", ";")
-    first = f" First rejections: {'; '.join(map(str, r.rejected_examples[:3]))}." if r.rejected_examples else ""
+    shown = (r.rejections + r.drops)[:3]
+    first = f" First rejections: {'; '.join(map(str, shown))}." if shown else ""
     if len(ts) == 0:
         raise DataError(f"{r.name}: no usable rows ({what}).{first}")
     if r.drop_ratio() > max_drop_ratio:
@@ -154,7 +158,7 @@ def _stats(ds: PackedDataset, names: list[str]) -> SplitStats:
         if c:
             per_source[name] = per_source.get(name, 0) + c
     return SplitStats(documents=len(ds.doc_index), tokens=ds.num_tokens, target_tokens=ds.num_target_tokens,
-                      samples=len(ds), slot_tokens=ds.slot_tokens, per_source=per_source)
+                      sequences=len(ds), slot_tokens=ds.slot_tokens, per_source=per_source)
 
 
 def build_datasets(cfg: DataConfig, tokenizer, *, seed: int, output_dir: str | None = None,
@@ -203,3 +207,29 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int, output_dir: str | N
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "data_report.json").write_text(json.dumps(report.as_dict(), indent=1))
     return DataBundle(train=train, eval=eval_ds, report=report)
+
+
+def check_token_ids(bundle: DataBundle, embedding_rows: int, tokenizer) -> None:
+    """Raise `DataError` when a token id of the data (or the pad id) is >= `embedding_rows`, the model's
+    input embedding size: the tokenizer does not match the model, and the first forward would fail with an
+    IndexError on CPU or a device-side assert on a GPU. Names the token, its source and row.
+
+    Call it after `build_datasets` and the model are built, before the first forward:
+    `check_token_ids(data, model.causal_lm.get_input_embeddings().num_embeddings, tokenizer)`."""
+    hint = (f"the tokenizer ({len(tokenizer)} tokens) does not match the model's embedding ({embedding_rows} "
+            "rows): use the model's own tokenizer, or resize the embeddings to the tokenizer")
+    parts = list(bundle.train.sources) + (list(bundle.eval.sources) if bundle.eval is not None else [])
+    for ts in parts:
+        if 0 <= ts.report.max_token_id < embedding_rows or len(ts.tokens) == 0:
+            continue  # the maximum is recorded at tokenization: nothing to scan
+        bad = np.flatnonzero(np.asarray(ts.tokens) >= embedding_rows)
+        if len(bad) == 0:
+            continue
+        i = int(bad[0])
+        doc = int(np.searchsorted(ts.offsets, i, side="right")) - 1
+        tok = int(ts.tokens[i])
+        raise DataError(f"{ts.report.name} row {int(ts.rows[doc])}: token id {tok} "
+                        f"({tokenizer.convert_ids_to_tokens(tok)!r}) >= {embedding_rows}: {hint}")
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad >= embedding_rows:  # padding goes through the embedding too
+        raise DataError(f"the pad token {tokenizer.pad_token!r} has id {pad} >= {embedding_rows}: {hint}")

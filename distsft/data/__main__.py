@@ -2,11 +2,16 @@
 
     python -m distsft.data --data ../shared/data/gsm8k_train_alpaca.json --max-seq-len 2048
     python -m distsft.data --config launch/configs/demo.yaml [section.key=value ...]   # the run's data
+    python -m distsft.data --data chats.jsonl --tokenizer builtin:tiny-qwen3 --show 3  # offline, Qwen3's template
 
-Prints rows read, rejections by reason, drops, tokens and packing efficiency; `--show N` prints the
-first N samples with the trained text in [[...]]. Exit status 1 (with the reason) when the data is
-unusable. Running it once before `accelerate launch` leaves the tokenized cache in place, so the
-training ranks only read it.
+Prints each source's files (read, or skipped and why), formats, rows read, every rejected, dropped and
+truncated row (the first `--list` of each, with row index, line and reason), tokens and packing
+efficiency; `--show N` prints the first N training sequences with the trained text in [[...]] and the
+control tokens the template wrote (a control-token string inside the data is text, and is not counted).
+Exit status 1 (with the reason) when the data is unusable. Running it once before `accelerate launch`
+leaves the tokenized cache in place, so the training ranks only read it. `builtin:tiny-<family>` (qwen2.5,
+qwen3, llama-3.1, gemma-3, mistral-v0.3) is the embedded tiny vocabulary with that family's special tokens
+and real chat template.
 """
 
 from __future__ import annotations
@@ -29,8 +34,32 @@ _ROOT = Path(__file__).resolve().parents[2]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 
-def _tokenizer_path(name: str) -> str:
-    return str(ASSETS / name.removeprefix("builtin:")) if name.startswith("builtin:") else name
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from distsft.data.tiny import FAMILIES, tiny_tokenizer
+
+    if name.startswith("builtin:tiny-") and name.removeprefix("builtin:tiny-") in FAMILIES:
+        return tiny_tokenizer(name.removeprefix("builtin:tiny-"))
+    path = str(ASSETS / name.removeprefix("builtin:")) if name.startswith("builtin:") else name
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _listing(r, limit: int) -> list[str]:
+    """Files, and the first `limit` rejected, dropped and truncated rows of each source."""
+    lines = []
+    for src in r.sources:
+        skipped = [f for f in src.files if f.status == "skipped"]
+        if len(src.files) > 1 or skipped:
+            lines.append(f"{src.name}: {sum(f.status == 'read' for f in src.files)} files read, "
+                         f"{len(skipped)} skipped")
+            lines += [f"  {f.status} {f.path}" + (f" ({f.rows} rows)" if f.status == "read" else f": {f.reason}")
+                      for f in src.files[:limit]]
+        for what, items in (("rejected", src.rejections), ("dropped", src.drops), ("truncated", src.truncations)):
+            if items:
+                lines.append(f"{src.name}: {len(items)} {what}" + (f" (first {limit})" if len(items) > limit else ""))
+                lines += [f"  {x.where()}: {x.reason}: {x.detail}" for x in items[:limit]]
+    return lines
 
 
 def _show(ds, tokenizer, n: int) -> None:
@@ -57,6 +86,14 @@ def _show(ds, tokenizer, n: int) -> None:
             out.append(f"[[{text}]]" if tr else text)
         print(f"===== sample {i}: {len(ids)} tokens, {sum(trained)} trained, {doc + 1} documents =====")
         print("".join(out))
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        counts: dict[str, int] = {}
+        for t in ids:
+            if t in special:
+                name = tokenizer.convert_ids_to_tokens(t)
+                counts[name] = counts.get(name, 0) + 1
+        print("----- control tokens: " + (", ".join(f"{k} x{v}" for k, v in counts.items()) or "none")
+              + " (text in the data that looks like one is text, and not counted)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-fraction", type=float)
     p.add_argument("--cache-dir", help="tokenization cache (default ~/.cache/distsft/data; 'none' disables)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N training samples")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N training sequences")
+    p.add_argument("--list", type=int, default=20, metavar="N",
+                   help="list the first N files, rejected, dropped and truncated rows of each source (default 20)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for --config")
     args = p.parse_args(argv)
@@ -103,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(tok_name))
+    try:
+        tokenizer = _load_tokenizer(tok_name)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the tokenizer {tok_name!r}: {str(e).splitlines()[0] if str(e) else e}",
+              file=sys.stderr)
+        return 2
     try:
         bundle = build_datasets(data, tokenizer, seed=seed)
     except DataError as e:
@@ -116,12 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r.as_dict(), indent=1))
         return 0
     print(r.summary())
-    rejected = r.rejected
+    for line in _listing(r, args.list):
+        print(line)
+    rejected, dropped = r.rejected, r.dropped
     print(f"rows read: {r.rows_read}")
-    print(f"rejected: {sum(rejected.values())}" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(rejected.items()))})"
-                                                 if rejected else ""))
-    print(f"train documents: {r.train.documents}, tokens: {r.train.tokens} ({r.train.target_tokens} in the loss)")
-    print(f"train samples: {r.train.samples}" + (f" slots of {r.max_seq_len}" if r.packing else ""))
+    for what, counts in (("rejected", rejected), ("dropped", dropped)):
+        print(f"{what}: {sum(counts.values())}"
+              + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})" if counts else ""))
+    print(f"truncated: {sum(s.truncated for s in r.sources)}")
+    print(f"train documents (samples): {r.train.documents}, tokens: {r.train.tokens} "
+          f"({r.train.target_tokens} in the loss)")
+    print(f"train sequences: {r.train.sequences}" + (f" packed sequences of {r.max_seq_len}" if r.packing else ""))
     print(f"packing efficiency: {100 * r.packing_efficiency:.2f}%")
     _show(bundle.train, tokenizer, args.show)
     return 0

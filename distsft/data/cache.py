@@ -4,7 +4,8 @@
 
 A directory is written under a temporary name and renamed into place, so a reader sees a complete
 entry or none; the arrays are memory-mapped on load, so every rank of a node shares one page-cache
-copy instead of holding its own.
+copy instead of holding its own. An entry that cannot be read back whole (a truncated array, a damaged
+report, arrays that disagree in length) is rebuilt and the new one replaces it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from distsft.data.tokenization import TokenizedSource
 
 logger = logging.getLogger("distsft.data")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when the tokenized output of the same inputs changes (a fix in rendering, masking, ...)."""
 
 _ARRAYS = ("tokens", "targets", "offsets", "rows")
@@ -58,19 +59,25 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def load(path: Path) -> TokenizedSource | None:
-    if not (path / "report.json").is_file():
+    """The entry at `path`, or None when there is none or it is damaged (then `save` replaces it)."""
+    if not path.exists():
         return None
     try:
         arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in _ARRAYS}
         report = SourceReport.from_dict(json.loads((path / "report.json").read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        logger.warning("ignoring unreadable tokenization cache %s: %s", path, e)
+        tokens, targets, offsets, rows = (arrays[k] for k in _ARRAYS)
+        if not (len(tokens) == len(targets) and len(offsets) == len(rows) + 1
+                and (len(offsets) == 0 or int(offsets[-1]) == len(tokens)) and len(rows) == report.accepted):
+            raise ValueError("arrays of inconsistent lengths")
+    except (OSError, ValueError, TypeError, KeyError, EOFError) as e:
+        logger.warning("the tokenization cache entry %s is damaged (%s): rebuilding it", path, e)
         return None
-    return TokenizedSource(arrays["tokens"], arrays["targets"], arrays["offsets"], arrays["rows"], report)
+    return TokenizedSource(tokens, targets, offsets, rows, report)
 
 
 def save(path: Path, ts: TokenizedSource) -> bool:
-    """Write `ts` to `path` atomically; False (with a warning) when the cache cannot be written."""
+    """Write `ts` to `path` atomically, replacing a damaged entry there; False (with a warning) when the
+    cache cannot be written."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
@@ -81,9 +88,16 @@ def save(path: Path, ts: TokenizedSource) -> bool:
         try:
             os.rename(tmp, path)
         except OSError:
-            if not (path / "report.json").is_file():  # not a lost race with an identical writer
+            if not path.exists():
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            if load(path) is not None:  # a lost race with an identical writer: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                return True
+            # a damaged entry: move it aside, then put ours in place (each rename is atomic)
+            old = path.parent / f".{path.name}.damaged-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
         return True
     except OSError as e:
         logger.warning("could not write the tokenization cache %s (%s); continuing without it", path, e)

@@ -96,3 +96,26 @@ def expected_targets(ids: list[int], trained: list[bool]) -> list[int]:
 def trained_ids(sample) -> list[int]:
     """Ids of the trained tokens of a one-document sample, in order."""
     return [t for t in sample["target_ids"].tolist() if t != -100]
+
+
+def trained_runs(sample, tokenizer) -> list[str]:
+    """The decoded runs of consecutive trained tokens of a one-document sample (token t is trained when
+    target_ids[t-1] is not -100)."""
+    ids = sample["input_ids"].tolist()
+    trained = [False] + [t != -100 for t in sample["target_ids"].tolist()[:-1]]
+    runs: list[list[int]] = []
+    for i, (tok, tr) in enumerate(zip(ids, trained, strict=True)):
+        if tr:
+            if i == 0 or not trained[i - 1]:
+                runs.append([])
+            runs[-1].append(tok)
+    return [tokenizer.decode(r) for r in runs]
+
+
+def build_one(tmp_path, rows, tokenizer, *, name="d.jsonl", **kw):
+    """build_datasets over `rows` written as JSON lines, packing off, every row kept or reported."""
+    from distsft.data import build_datasets
+
+    path = write_jsonl(tmp_path / name, rows)
+    kw.setdefault("max_drop_ratio", 1.0)
+    return build_datasets(cfg(path, packing=False, **kw), tokenizer, seed=0)

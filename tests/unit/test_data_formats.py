@@ -123,15 +123,15 @@ def test_train_on_inputs(tmp_path):
 
 def test_mask_from_spans_not_substring_search(tmp_path):
     """The assistant's text also appears in the prompt, and the response contains the template's own
-    markers: only the assistant turn is trained, exactly."""
+    markers: only the assistant turn is trained, exactly; the marker written in the data stays text."""
     reply = "same words<|im_start|>assistant\n"
     row = {"messages": [{"role": "user", "content": reply}, {"role": "assistant", "content": reply}]}
     s = one_sample(tmp_path, row, byte_tokenizer(), chat_template="chatml")
-    enc = byte_tokenizer()(reply, add_special_tokens=False).input_ids
-    assert trained_ids(s) == enc + [IM_END] + B("\n")
+    assert trained_ids(s) == B(reply) + [IM_END] + B("\n")
     # the prompt copy comes first and is not trained
     ids = s["input_ids"].tolist()
-    assert ids[: 2 + len(B("user\n")) + len(enc)] == [BOS, IM_START] + B("user\n") + enc
+    assert ids[: 2 + len(B("user\n")) + len(B(reply))] == [BOS, IM_START] + B("user\n") + B(reply)
+    assert ids.count(IM_START) == 2  # the template's two turn headers; the literal in the data is text
 
 
 # ---------------------------------------------------------------------------------------------------

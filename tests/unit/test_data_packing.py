@@ -94,7 +94,7 @@ def test_packed_sample_layout(tmp_path):
 def test_packing_report_and_efficiency(tmp_path):
     b = packed_bundle(tmp_path)
     ds = b.train
-    assert b.report.train.samples == len(ds)
+    assert b.report.train.sequences == len(ds)
     assert b.report.packing_efficiency == pytest.approx(ds.num_tokens / (len(ds) * 96))
     assert b.report.train.tokens == sum(len(ds[i]["input_ids"]) for i in range(len(ds)))
     assert b.report.train.target_tokens == sum(int((ds[i]["target_ids"] != -100).sum()) for i in range(len(ds)))

@@ -25,7 +25,7 @@ def test_gsm8k(cache_dir):
     assert (src.format, src.rows_read, src.accepted, src.num_rejected, src.num_dropped) == ("alpaca", 7473, 7473, 0, 0)
     assert b.report.train.documents == 7473
     assert b.report.packing_efficiency >= 0.95
-    assert len(b.train) == b.report.train.samples
+    assert len(b.train) == b.report.train.sequences
     assert all(len(b.train[i]["input_ids"]) <= 2048 for i in range(0, len(b.train), 50))
 
 
@@ -35,7 +35,7 @@ def test_code_alpaca(cache_dir):
     src = b.report.sources[0]
     assert (src.rows_read, src.accepted) == (2017, 2015)
     assert src.rejected == {"empty_response": 2}
-    assert [r.row for r in src.rejected_examples] == [237, 1859]
+    assert [r.row for r in src.rejections] == [237, 1859]
     assert b.report.packing_efficiency >= 0.95
 
 

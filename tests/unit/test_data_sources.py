@@ -68,7 +68,7 @@ def test_folder_rejections_name_the_file(tmp_path):
     write_jsonl(d / "good.jsonl", ROWS)
     write_jsonl(d / "bad.jsonl", [{"instruction": "q"}])
     src = build_datasets(cfg(d), byte_tokenizer(), seed=0).report.sources[0]
-    assert [(r.file.endswith("bad.jsonl"), r.row) for r in src.rejected_examples] == [(True, 0)]
+    assert [(r.file.endswith("bad.jsonl"), r.row) for r in src.rejections] == [(True, 0)]
 
 
 def test_builtin_demo(tmp_path):
@@ -199,6 +199,6 @@ def test_report_written_to_output_dir_by_main_process_only(tmp_path):
     b = build_datasets(cfg(p), byte_tokenizer(), seed=0, output_dir=str(tmp_path / "out"))
     d = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert d["sources"][0]["rows_read"] == 13 and d["sources"][0]["rejected"] == {"missing_field": 1}
-    assert d["sources"][0]["rejected_examples"][0]["row"] == 12
+    assert d["sources"][0]["rejections"][0]["row"] == 12
     assert d["train"]["packing_efficiency"] == pytest.approx(b.report.packing_efficiency)
     assert "13 rows read, 12 kept" in b.report.summary()

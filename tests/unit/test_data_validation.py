@@ -46,14 +46,14 @@ def test_each_bad_row_reported_with_index_and_reason(tmp_path, caplog):
                                 byte_tokenizer(), seed=0).report
     src = report.sources[0]
     assert src.rows_read == 12 and src.accepted == 3
-    assert {r.row: r.reason for r in src.rejected_examples} == expected
-    assert all(r.file == str(path) for r in src.rejected_examples)
+    assert {r.row: r.reason for r in src.rejections} == expected
+    assert all(r.file == str(path) for r in src.rejections)
     counts = {}
     for reason in expected.values():
         counts[reason] = counts.get(reason, 0) + 1
     assert src.rejected == counts
     for row, reason in expected.items():
-        assert any(f"row {row}: {reason}" in m for m in caplog.messages), (row, reason)
+        assert any(f"row {row} (line {row + 1}): {reason}" in m for m in caplog.messages), (row, reason)
 
 
 def test_bad_messages_rows(tmp_path):
@@ -72,7 +72,7 @@ def test_bad_messages_rows(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", rows)
     src = build_datasets(cfg(path, max_drop_ratio=1.0, log_rejections=100, chat_template="chatml"),
                          byte_tokenizer(), seed=0).report.sources[0]
-    got = {r.row: r.reason for r in src.rejected_examples}
+    got = {r.row: r.reason for r in src.rejections}
     assert got == {1: "unknown_role", 2: "null_content", 3: "no_assistant_turn", 4: "wrong_type",
                    5: "missing_field", 6: "empty_response", 7: "wrong_type"}
     assert src.accepted == 2
@@ -84,19 +84,22 @@ def test_template_error_is_a_rejection(tmp_path):
                           {"role": "assistant", "content": "a"}]}]  # mistral needs alternation
     src = build_datasets(cfg(write_jsonl(tmp_path / "m.jsonl", rows), chat_template="mistral"),
                          byte_tokenizer(), seed=0).report.sources[0]
-    assert [(r.row, r.reason) for r in src.rejected_examples] == [(1, "template_error")]
-    assert "alternate" in src.rejected_examples[0].detail
+    assert [(r.row, r.reason) for r in src.rejections] == [(1, "template_error")]
+    assert "alternate" in src.rejections[0].detail
 
 
-def test_first_few_logged_rest_counted(tmp_path, caplog):
+def test_first_few_logged_all_listed(tmp_path, caplog):
+    """Regression (issue 19): only the first `log_rejections` rejected rows were kept in the report; the
+    log stays short, but the report (data_report.json) lists every one with its row and line."""
     rows = [GOOD] * 10 + [{"instruction": "q"}] * 7
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="distsft.data"):
         src = build_datasets(cfg(path, log_rejections=2), byte_tokenizer(), seed=0).report.sources[0]
     rejected_lines = [m for m in caplog.messages if m.startswith("rejected ")]
-    assert len(rejected_lines) == 2 and "row 10: missing_field" in rejected_lines[0]
+    assert len(rejected_lines) == 2 and "row 10 (line 11): missing_field" in rejected_lines[0]
     assert any("5 more rejected rows not shown" in m for m in caplog.messages)
-    assert src.rejected == {"missing_field": 7} and len(src.rejected_examples) == 2
+    assert src.rejected == {"missing_field": 7}
+    assert [(r.row, r.line) for r in src.rejections] == [(i, i + 1) for i in range(10, 17)]
 
 
 def test_only_main_process_logs(tmp_path, caplog):
@@ -110,7 +113,7 @@ def test_all_bad_file_fails_naming_it(tmp_path):
     path = write_jsonl(tmp_path / "allbad.jsonl", [{"instruction": "q", "output": None}] * 4)
     with pytest.raises(DataError, match=r"allbad\.jsonl: no usable rows \(4 rows read; rejected 4") as e:
         build_datasets(cfg(path), byte_tokenizer(), seed=0)
-    assert "row 0: null_content" in str(e.value)
+    assert "row 0 (line 1): null_content" in str(e.value)
 
 
 def test_unparsable_file_fails_naming_it(tmp_path):
@@ -145,7 +148,7 @@ def test_length_drops_count_toward_drop_ratio(tmp_path):
 def test_strict_stops_at_first_bad_row(tmp_path):
     path = tmp_path / "bad.jsonl"
     bad_alpaca_file(path)
-    with pytest.raises(DataError, match=r"bad\.jsonl row 1: invalid_json: .*data\.strict"):
+    with pytest.raises(DataError, match=r"bad\.jsonl row 1 \(line 2\): invalid_json: .*data\.strict"):
         build_datasets(cfg(path, strict=True, max_drop_ratio=1.0), byte_tokenizer(), seed=0)
 
 
@@ -161,7 +164,7 @@ def test_json_file_with_bad_bytes_rejects_only_that_row(tmp_path):
     path.write_bytes(b'[{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "\xff\xfe"},'
                      b' {"instruction": "q", "output": "b"}]')
     src = build_datasets(cfg(path, max_drop_ratio=1.0), byte_tokenizer(), seed=0).report.sources[0]
-    assert [(r.row, r.reason) for r in src.rejected_examples] == [(1, "invalid_text")]
+    assert [(r.row, r.reason) for r in src.rejections] == [(1, "invalid_text")]
     assert src.accepted == 2
 
 
@@ -185,7 +188,7 @@ def test_every_rank_decides_the_same(tmp_path):
 def test_wrong_type_rows_in_a_json_list(tmp_path):
     path = write_json(tmp_path / "d.json", [GOOD, "just a string", GOOD])
     src = build_datasets(cfg(path, max_drop_ratio=1.0), byte_tokenizer(), seed=0).report.sources[0]
-    assert [(r.row, r.reason) for r in src.rejected_examples] == [(1, "not_an_object")]
+    assert [(r.row, r.reason) for r in src.rejections] == [(1, "not_an_object")]
 
 
 def test_hub_like_missing_path_is_clear(tmp_path):
