@@ -53,6 +53,7 @@ from distsft.data import (
     GlobalBatchSampler,
     build_datasets,
     check_packing_isolation,
+    check_token_ids,
     collate,
     packed_attention_kwargs,
 )
@@ -237,12 +238,13 @@ def main(cfg: Config) -> TrainOutput:
         cfg.data, tokenizer, seed=cfg.train.seed, output_dir=str(out_dir),
         main_process_first=accelerator.main_process_first, is_main_process=is_main,
     )
+    check_token_ids(data, model.causal_lm.get_input_embeddings().num_embeddings, tokenizer)
     micro, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
     global_batch = micro * accum * world
     steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(
-            f"the training set has {len(data.train)} samples, fewer than one global batch of {global_batch} "
+            f"the training set has {len(data.train)} packed sequences, fewer than one global batch of {global_batch} "
             f"(per_device_train_batch_size {micro} x gradient_accumulation_steps {accum} x {world} processes)"
         )
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
