@@ -92,11 +92,24 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
     with contextlib.nullcontext() if partitioned else _without_zero_init():
         model = _build(cfg, dtype, common, seed)
     _keep_4bit_training_layout(model)
+    _without_hub_kernels(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing is True:  # `auto` is planned once the model is on its device (train.py)
         # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _without_hub_kernels(model: nn.Module) -> None:
+    """Turn off transformers' hub kernels on this model: distsft patches its own kernels per instance.
+
+    With the `kernels` package installed (bitsandbytes pulls it in), transformers 5.2x `from_pretrained`
+    kernelizes the modules it decorates with `use_kernel_forward_from_hub` (RMSNorm, ...), and does so
+    again at every `train()`/`eval()` switch, which removes the forward distsft bound to each instance:
+    the loop's `model.train()` silently put transformers' RMSNorm back (found by the kernel census).
+    `reset_kernels` restores the plain forwards and stops the re-kernelization."""
+    if getattr(model, "use_kernels", False) and hasattr(model, "reset_kernels"):
+        model.reset_kernels()
 
 
 def _keep_4bit_training_layout(model: nn.Module) -> None:

@@ -269,3 +269,78 @@ def test_small_lora_updates_survive_the_residual_sum():
             for name, m in (("peft", peft_bf16), ("fused", model))}
     assert kept["peft"] >= 0.9, kept  # what bf16 allows
     assert kept["fused"] >= 0.9, kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernel census: what ran, not what was patched (issue 18)
+
+
+def test_census_counts_what_ran_and_names_each_fallback():
+    """`record_kernels` counts the path each bound forward took: every patched module of a plain LoRA model
+    runs ours (Triton, or the interpreter here; the LoRA groups fused), and a LoRA layer that carries a
+    module hook (what DeepSpeed ZeRO-3's per-module gathering puts on it) runs peft's forward, named with
+    the reason. Before, `apply_kernels`' report counted the patched layers whatever ran."""
+    from distsft.patching import record_kernels
+
+    model = _lora_model("llama")
+    report = apply_kernels(model, KernelsConfig())
+    with record_kernels() as census:
+        _run_step(model)
+    assert census.missing(report) == {}, census.counts()
+    assert census.counts()["lora"] == {"fused": LORA}
+    assert census.groups == {"q_proj+k_proj+v_proj": LAYERS, "o_proj": LAYERS, "gate_proj+up_proj": LAYERS,
+                             "down_proj": LAYERS}
+    hooked = model.get_base_model().model.layers[1].self_attn.k_proj
+    handle = hooked.register_forward_pre_hook(lambda m, args: None)
+    try:
+        with record_kernels() as census:
+            _run_step(model)
+    finally:
+        handle.remove()
+    # k_proj falls back, so its group (q, k, v) is called module by module: q and v still run fused alone
+    assert census.counts()["lora"] == {"fused": LORA - 1, "peft": 1}
+    assert census.missing(report) == {"lora": 1}
+    assert list(census.fallbacks) == ["model.layers.1.self_attn.k_proj"]
+    assert "hooks run on the module itself" in census.fallbacks["model.layers.1.self_attn.k_proj"]
+    (warning,) = census.fallback_warnings()
+    assert "1 LoRA layer(s) ran peft's forward" in warning and "model.layers.1.self_attn.k_proj" in warning
+    assert "lora 13/14 (fused 13, peft 1)" in census.summary(report)
+
+
+def test_census_names_the_reference_backend():
+    """`kernels.backend=torch` runs the references: counted as such, with the reason in the warning."""
+    from distsft.patching import record_kernels
+
+    model = _lora_model("llama")
+    report = apply_kernels(model, KernelsConfig(backend="torch"))
+    with record_kernels() as census:
+        _run_step(model)
+    assert census.missing(report) == {"rms_norm": 2 * LAYERS + 1, "rope": LAYERS, "swiglu": LAYERS}
+    assert census.counts()["rms_norm"] == {"torch": 2 * LAYERS + 1}
+    assert any("kernels.backend=torch" in w for w in census.fallback_warnings())
+    assert "lora" not in report.counts  # the torch backend keeps peft's LoRA layers unpatched
+
+
+def test_pretrained_model_keeps_our_forwards_through_train(tmp_path):
+    """Regression: with the `kernels` package installed (bitsandbytes pulls it in), transformers 5.2x
+    `from_pretrained` kernelizes its hub-decorated modules again at every `train()`/`eval()` switch, which
+    removed the RMSNorm forward distsft bound to each instance: the trainer's `model.train()` silently put
+    transformers' RMSNorm back (the kernel census of a QLoRA run found it). A model built from a saved
+    checkpoint, switched to training, runs every patched kernel."""
+    from distsft.config import LoraConfig, ModelConfig
+    from distsft.model import build_model
+    from distsft.patching import record_kernels
+
+    make, _ = CONFIGS["llama"]
+    transformers.AutoModelForCausalLM.from_config(make()).save_pretrained(tmp_path / "saved")
+    model, report = build_model(ModelConfig(name_or_path=str(tmp_path / "saved"), dtype="float32",
+                                            attn_implementation="eager"),
+                                LoraConfig(r=4), KernelsConfig(), DEVICE, seed=0)
+    model.eval()
+    model.train()
+    batch = _batch()
+    targets = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], dim=1)
+    with record_kernels() as census:
+        loss_sum, _ = model(input_ids=batch["input_ids"], target_ids=targets, position_ids=batch["position_ids"])
+        loss_sum.backward()
+    assert census.missing(report) == {}, census.counts()
