@@ -579,6 +579,8 @@ class Bench:
             o.update({"model.attn_implementation": "eager", "kernels.backend": "torch", "lora.r": 8})
         if mode in ("zero2", "zero3"):
             o["distributed.deepspeed_config"] = str(REPO / "ds_configs" / f"{mode}.json")
+        if mode == "zero2":  # DeepSpeed's ZeRO-2 engine, measured as such (auto would run a LoRA job as DDP)
+            o["distributed.zero12"] = "deepspeed"
         o.update(extra or {})
         return [f"{k}={v}" for k, v in o.items()]
 

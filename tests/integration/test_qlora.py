@@ -163,7 +163,8 @@ def test_qlora_under_zero2_on_two_ranks(run):
     out = tmp / "zero2"
     _torchrun(tmp, "zero2", qlora_config(tmp, out, **{
         "train.per_device_train_batch_size": 1, "train.max_steps": 4, "checkpoint.save_steps": 4,
-        "checkpoint.save_merged": "false", "distributed.deepspeed_config": REPO / "ds_configs" / "zero2.json"}))
+        "checkpoint.save_merged": "false", "distributed.deepspeed_config": REPO / "ds_configs" / "zero2.json",
+        "distributed.zero12": "deepspeed"}))
     shards = sorted((out / "checkpoints" / "step-00000004" / "shards").glob("rank-*.safetensors"))
     assert [p.name for p in shards] == ["rank-00000.safetensors", "rank-00001.safetensors"]
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -216,6 +217,38 @@ def test_qlora_under_zero3_on_two_ranks(run):
     assert all(torch.equal(adapter[k], trained[k]) for k in adapter)
     reference = load_file(str(single_out / "adapter" / "adapter_model.safetensors"))
     assert max(float((adapter[k] - reference[k]).abs().max()) for k in adapter) <= ZERO3_ATOL
+
+
+def _census(out) -> dict:
+    return next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "kernels")
+
+
+def test_fused_qlora_under_zero3_matches_one_process(run):
+    """Issue 18: under ZeRO-3 the fused LoRA projections and our 4-bit dequantization kernel run on every
+    rank (before, any weight carrying a `ds_id` sent every LoRA layer back to peft's forward, silently,
+    while the kernel report still counted them). Whole decoder layers are gathered before their forward
+    and backward, so the 4-bit bytes (stored in the model dtype, partitioned: persistence threshold 0)
+    are whole when dequantized; the first step's kernel census shows every patched kernel ran ours on
+    both ranks, and the losses are the one-process fused run's."""
+    from _support import REPO
+
+    tmp, _, _ = run
+    fused = {"kernels.backend": "auto", "checkpoint.save_merged": "false", "checkpoint.save_steps": 0}
+    single_out = tmp / "fused_single"
+    distsft.train(qlora_config(tmp, single_out, **fused))
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp / "zero3_fused.json").write_text(json.dumps(ds))
+    out = tmp / "zero3_fused"
+    _torchrun(tmp, "zero3_fused", qlora_config(tmp, out, **fused, **{
+        "train.per_device_train_batch_size": 1, "distributed.deepspeed_config": tmp / "zero3_fused.json"}))
+    for census in (_census(single_out), _census(out)):
+        assert census["missing"] == {} and not census["fallbacks"], census
+        assert census["ran"]["lora"] == {"fused": 14} and census["ran"]["dequantize_4bit"] == {"triton": 14}, census
+    assert _census(out).get("ranks_short") is None  # rank 1 ran ours too
+    single, zero3 = _losses(single_out), _losses(out)
+    assert single.keys() == zero3.keys() == set(range(1, 7))
+    assert max(abs(single[s] - zero3[s]) for s in single) <= ZERO3_ATOL, (single, zero3)
 
 
 def test_qlora_zero3_checkpoint_resumes_in_one_process(run):
