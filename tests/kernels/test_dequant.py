@@ -168,3 +168,26 @@ def test_llama_8b_mlp_weight_on_gpu(cuda):
         zeros = wide[:, 4096:4096 + 32].clone()
         zeros[:, col:col + 16] = 0
         assert not zeros.any()
+
+
+def test_bytes_given_per_call_follow_a_moved_weight(device):
+    """ZeRO-3 gathers a 4-bit weight into a new buffer before every use and frees it after: a cached
+    `Dequantizer` built with `hold_data=False` keeps no reference to the buffer it was built from (which
+    would pin one gathered copy per layer) and reads the bytes passed to each call; wrong bytes are named."""
+    import weakref
+
+    _, data, state = _quantize((96, 130), torch.bfloat16, "nf4", True, 64, device)
+    expected = K.dequantize_4bit_state(data, state)
+    moved = data.clone()  # the same bytes in another buffer (a later gather)
+    ref = weakref.ref(moved)
+    deq = K.Dequantizer.from_state(moved, state, hold_data=False)
+    del moved
+    assert ref() is None  # not held
+    with pytest.raises(ValueError, match="pass data="):
+        deq()
+    for _ in range(2):  # the second call takes the recorded direct launch
+        assert torch.equal(deq(data=data.clone()), expected)
+    out = torch.empty(96, 140, dtype=torch.bfloat16, device=device)[:, :130]
+    assert torch.equal(deq(out, data=data), expected) and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="the weight needs"):
+        deq(data=data[: data.numel() // 2])

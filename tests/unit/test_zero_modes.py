@@ -1,0 +1,124 @@
+"""How a DeepSpeed launch runs (issue 18): ZeRO-1/2 as DDP when partitioning would save little, what the
+run asked for, and how ZeRO-3 is prepared to gather whole decoder layers. Pure functions and a tiny model;
+the multi-process behaviour is in tests/integration/test_distributed.py."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _support import REPO
+
+from distsft.config import DistributedConfig, LoraConfig, ModelConfig
+from distsft.distributed import ZERO3_PERSISTENCE_CAP, prepare_zero3, requested_deepspeed, zero12_as_ddp
+
+
+def _ds(stage: int, **zero) -> dict:
+    return {"zero_optimization": {"stage": stage, **zero}}
+
+
+def test_zero12_runs_as_ddp_only_when_partitioning_saves_little():
+    auto = DistributedConfig()
+    lora_8b = 41_943_040  # Llama-3.1-8B, r=16 on all seven projections
+    assert "ZeRO-2 would partition only the trainable state (41,943,040 parameters" in zero12_as_ddp(
+        auto, _ds(2), lora_8b, 8)
+    assert zero12_as_ddp(auto, _ds(1), lora_8b, 1) is not None  # one GPU: nothing is partitioned at all
+    assert zero12_as_ddp(auto, _ds(2), 1_000_000_000, 8) is None  # 1B trained parameters: 10.5 GiB saved
+    assert zero12_as_ddp(auto, _ds(2), 1_000_000_000, 1) is not None  # ... but not on one GPU
+    assert zero12_as_ddp(auto, _ds(2, offload_optimizer={"device": "cpu"}), lora_8b, 8) is None  # DeepSpeed's saving
+    assert zero12_as_ddp(auto, _ds(2, offload_optimizer={"device": "none"}), lora_8b, 8) is not None
+    assert zero12_as_ddp(auto, _ds(3), lora_8b, 8) is None  # ZeRO-3 partitions the base model
+    assert zero12_as_ddp(auto, None, lora_8b, 8) is None
+    assert zero12_as_ddp(auto, _ds(2), None, 8) is None  # unknown size: keep what was asked for
+    assert zero12_as_ddp(DistributedConfig(zero12="deepspeed"), _ds(2), lora_8b, 8) is None
+    assert zero12_as_ddp(DistributedConfig(zero12="ddp"), _ds(2), 10**10, 8) == "distributed.zero12=ddp"
+
+
+def test_requested_deepspeed_from_the_config_or_accelerate_launch(monkeypatch, tmp_path):
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+    assert requested_deepspeed(DistributedConfig()) is None
+    path = str(REPO / "ds_configs" / "zero2.json")
+    assert requested_deepspeed(DistributedConfig(deepspeed_config=path))["zero_optimization"]["stage"] == 2
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # `accelerate launch --config_file zero3.yaml`
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "ds_configs" / "zero3.json"))
+    assert requested_deepspeed(DistributedConfig())["zero_optimization"]["stage"] == 3
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")  # a YAML with the stage inline
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    assert requested_deepspeed(DistributedConfig()) == {
+        "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="distributed.deepspeed_config: cannot read .*bad.json"):
+        requested_deepspeed(DistributedConfig(deepspeed_config=str(tmp_path / "bad.json")))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    from _support import write_tiny_llama
+
+    from distsft.config import KernelsConfig
+    from distsft.model import build_model
+
+    cfg = ModelConfig(init_from_config=str(write_tiny_llama(tmp_path / "m")), dtype="float32",
+                      attn_implementation="eager")
+    model, _ = build_model(cfg, LoraConfig(r=8), KernelsConfig(backend="torch"), torch.device("cpu"), seed=0)
+    return cfg, model
+
+
+def _accelerator(stage: int, zero: dict):
+    ds = {"zero_optimization": {"stage": stage, **zero}}
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=ds)
+    return SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(deepspeed_plugin=plugin)), ds
+
+
+def test_trainable_count_on_a_meta_skeleton_is_the_real_one(tiny):
+    from distsft.model import trainable_numel_on_meta, trainable_parameter_count
+
+    cfg, model = tiny
+    assert trainable_numel_on_meta(cfg, LoraConfig(r=8)) == trainable_parameter_count(model)[0] == 16_384
+    with_head = LoraConfig(r=8, modules_to_save=["lm_head"])
+    assert trainable_numel_on_meta(cfg, with_head) == 16_384 + model.causal_lm.config.vocab_size * 64
+
+
+def test_prepare_zero3_gathers_whole_layers_and_sizes_the_auto_values(tiny):
+    """`zero3_gather=layer`: every decoder layer a DeepSpeed leaf module, the JSON's auto values sized to a
+    layer (an explicit value kept), the LoRA tensors below the persistence threshold, the embedding's
+    output requiring grad, and each layer's and the model's parameter list computed once and equal to
+    the walk it replaces."""
+    from distsft.recompute import decoder_layers
+
+    _, model = tiny
+    layers = decoder_layers(model)
+    walks = [list(m.named_parameters()) for m in (*layers, model)]
+    acc, ds = _accelerator(3, {"stage3_prefetch_bucket_size": "auto", "stage3_max_live_parameters": 123,
+                               "stage3_param_persistence_threshold": "auto"})
+    filled = prepare_zero3(acc, model, layers, model.causal_lm.get_input_embeddings(), "layer")
+    layer_numel = sum(p.numel() for p in layers[0].parameters())
+    largest_lora = max(p.numel() for p in model.parameters() if p.requires_grad)
+    assert filled == {"stage3_prefetch_bucket_size": layer_numel, "stage3_max_reuse_distance": 10**9,
+                      "stage3_param_persistence_threshold": largest_lora}
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 123  # the JSON's own value
+    assert all(layer._z3_leaf for layer in layers) and not getattr(model, "_z3_leaf", False)
+    for m, walk in zip((*layers, model), walks, strict=True):
+        assert list(m.named_parameters()) == walk and [n for n, _ in m.named_parameters(prefix="x")] == [
+            f"x.{n}" for n, _ in walk]
+        assert list(m.parameters()) == [p for _, p in walk]
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    assert model.causal_lm.get_input_embeddings()(ids).requires_grad
+    assert largest_lora <= ZERO3_PERSISTENCE_CAP
+
+
+def test_prepare_zero3_does_nothing_elsewhere(tiny):
+    from distsft.recompute import decoder_layers
+
+    _, model = tiny
+    layers = decoder_layers(model)
+    acc, ds = _accelerator(2, {})
+    assert prepare_zero3(acc, model, layers, model.causal_lm.get_input_embeddings(), "layer") == {}
+    acc, ds = _accelerator(3, {"stage3_prefetch_bucket_size": "auto"})
+    assert prepare_zero3(acc, model, layers, model.causal_lm.get_input_embeddings(), "module") == {}
+    assert not any(getattr(layer, "_z3_leaf", False) for layer in layers)
+    assert "named_parameters" not in layers[0].__dict__
+    assert json.dumps(ds)  # untouched, still serialisable
