@@ -15,6 +15,7 @@ The memory model (bytes; L decoder layers, k of them checkpointed):
     c      = what a checkpointed layer keeps instead: its input hidden states, (B, T, d)
     fixed  = parameters and buffers allocated now (+ everything else allocated, on a GPU)
              + AdamW state 2 x fp32 + gradients, per trainable parameter
+             (+ under ZeRO-3, where only partitions are allocated now, two decoder layers gathered whole)
     shared = the per-layer kwargs (cos/sin, mask) + the final norm's input and output (2c)
     head   = the LM head / loss working set (estimate): the kept rows and their gradient (2 N d) + the
              logits, all of them (N V, + fp32 copies) or one fused-CE chunk (<= 512 MiB); N = B T
@@ -253,8 +254,14 @@ def default_budget_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _fixed_bytes(lm: nn.Module, device: torch.device) -> int:
-    """Allocated now (parameters, buffers, on a GPU everything else too) + AdamW state + gradients."""
+ZERO3_LIVE_LAYERS = 2
+"""Decoder layers whose ZeRO-3-partitioned parameters are gathered at once: the one computing and the next,
+prefetched (distsft.distributed.prepare_zero3 sizes DeepSpeed's prefetch bucket to one layer)."""
+
+
+def _fixed_bytes(lm: nn.Module, device: torch.device, layers: nn.ModuleList | None = None) -> int:
+    """Allocated now (parameters, buffers, on a GPU everything else too) + AdamW state + gradients, and
+    under ZeRO-3 the gathered copies of ZERO3_LIVE_LAYERS decoder layers (only partitions are allocated now)."""
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated(device)
     else:
@@ -262,7 +269,11 @@ def _fixed_bytes(lm: nn.Module, device: torch.device) -> int:
     trainable = [p for p in lm.parameters() if p.requires_grad]
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3: the whole parameter
     grads = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in trainable)
-    return resident + 2 * 4 * numel + grads
+    gathered = 0
+    if layers is not None and any(hasattr(p, "ds_id") for p in layers[0].parameters()):
+        per_layer = max(sum(p.ds_numel * p.element_size() for p in layer.parameters()) for layer in layers)
+        gathered = min(ZERO3_LIVE_LAYERS, len(layers)) * per_layer
+    return resident + 2 * 4 * numel + grads + gathered
 
 
 def plan_recomputation(model: nn.Module, *, batch_size: int, seq_len: int, budget_bytes: int | None = None,
@@ -283,7 +294,7 @@ def plan_recomputation(model: nn.Module, *, batch_size: int, seq_len: int, budge
     device = next(lm.parameters()).device
     if budget_bytes is None:
         budget_bytes = default_budget_bytes(device)
-    fixed = _fixed_bytes(lm, device)
+    fixed = _fixed_bytes(lm, device, layers)
     m = measure_layer_activations(model, batch_size, seq_len, decoder_kwargs)
     h = m["input"]  # one (B, T, d) hidden-states tensor
     c = 0 if offload else h
