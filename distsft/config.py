@@ -219,14 +219,18 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    output_dir: str = "outputs/demo"
-    """Checkpoints, the final adapter, logs and the resolved config go here."""
+    output_dir: str | None = None
+    """Checkpoints, the final adapter, logs and the resolved config go here. Default: `outputs/demo` for the
+    embedded demo, else `outputs/<model name>`; when that holds an earlier run, the next free `<dir>-2`,
+    `<dir>-3`, ... (an output directory that is set explicitly and holds a run is refused instead)."""
+    overwrite_output_dir: bool = False
+    """Replace the run that `output_dir` already holds (its checkpoints, adapter, logs). Without it a run
+    there is never overwritten: continue it with `checkpoint.resume_from_checkpoint=auto`."""
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
-    """Peak learning rate. The default suits the embedded demo (a randomly initialised tiny model); for LoRA
-    on a pretrained model 1e-4 to 2e-4 is typical."""
+    """Peak learning rate."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -242,7 +246,7 @@ class TrainConfig:
     max_steps: int = -1
     """Optimizer steps to run; -1 runs `num_train_epochs` epochs."""
     num_train_epochs: float = 5.0
-    """Epochs when `max_steps` is -1 (the default suits the demo's 400 rows)."""
+    """Epochs when `max_steps` is -1."""
     eval_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end, when there is an eval set)."""
     seed: int = 42
@@ -263,7 +267,7 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class CheckpointConfig:
     save_steps: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only the final adapter)."""
+    """Save a resumable checkpoint every N optimizer steps, and at the last one (0: only the final adapter)."""
     save_total_limit: int = 2
     """Keep the newest N committed checkpoints."""
     resume_from_checkpoint: str | None = None
@@ -428,6 +432,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if tp is DataSourceConfig and hasattr(value, "column_names"):
+            value = {"path": value}  # `sources: [dataset]` means `sources: [{path: dataset}]`
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=key)
@@ -492,6 +498,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for k, v in data.items():
+        if cls is DataSourceConfig and k == "path" and hasattr(v, "column_names"):
+            kwargs[k] = v  # a `datasets.Dataset` from Python: __post_init__ registers it
+            continue
         if k not in names:
             near = [_ALIASES[k]] if _ALIASES.get(k) in names else difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {_join(prefix, near[0])}?)" if near else f" (known: {', '.join(names)})"
@@ -539,6 +548,33 @@ def parse_override(arg: str) -> tuple[str, Any]:
     return key, value
 
 
+# The dataclass defaults above are the embedded demo's (a 4-layer random-init model on 400 rows). A run
+# file, command line or dict that names a pretrained model (`model.name_or_path`) gets these instead for
+# every key it does not set: values for LoRA on a real model.
+PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"max_seq_len": 2048},
+    "train": {"learning_rate": 2e-4, "num_train_epochs": 3.0, "warmup_ratio": 0.03},
+    "checkpoint": {"save_steps": 500},
+}
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """A validated `Config` from a mapping of sections (YAML, dotted overrides, or a dict from Python),
+    with `PRETRAINED_DEFAULTS` filled in where the mapping names `model.name_or_path`."""
+    model = tree.get("model")
+    named = isinstance(model, dict) and model.get("name_or_path") is not None or (
+        isinstance(model, ModelConfig) and model.name_or_path is not None)
+    if named:
+        tree = dict(tree)
+        for section, values in PRETRAINED_DEFAULTS.items():
+            given = tree.get(section)
+            if given is None:
+                tree[section] = dict(values)
+            elif isinstance(given, dict):
+                tree[section] = {**values, **given}
+    return from_dict(Config, tree)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """YAML run file (optional) + dotted overrides -> a validated `Config`."""
     tree: dict[str, Any] = {}
@@ -556,4 +592,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     for arg in overrides:
         key, value = parse_override(arg)
         _set_dotted(tree, key, value)
-    return from_dict(Config, tree)
+    return build_config(tree)
