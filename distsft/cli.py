@@ -300,8 +300,11 @@ def _launch(cfg: Config, args: argparse.Namespace, worker_argv: list[str]) -> in
     if args.nnodes in ("1", "1:1") and args.rdzv_endpoint is None and args.master_addr is None:
         argv.append("--standalone")
     argv += [str(TRAIN_SCRIPT), *worker_argv]
-    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # its INFO/WARNING lines narrate; failures are ours
+    # The agent narrates (rendezvous, "Received 15 death signal", "failed (exitcode: 2)") through loggers that
+    # each set their own level: quiet every one of them; the outcome is reported below, once.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     code, signalled = 0, None
     try:
         torchrun.run(torchrun.get_args_parser().parse_args(argv))
