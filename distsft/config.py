@@ -52,6 +52,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer hub id or directory; defaults to `name_or_path`, else the `init_from_config` directory."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of `name_or_path`."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights and compute dtype: `auto` is bfloat16 on a GPU that supports it, else float32."""
     attn_implementation: str = "auto"
@@ -111,12 +112,16 @@ class LoraConfig:
     alpha: float = 32.0
     """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
     dropout: float = 0.0
+    """Dropout on the LoRA input. Above 0 the fused LoRA kernel cannot run: peft's slower forward is used."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or `all-linear` (every linear layer but the LM head)."""
     use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."""
     modules_to_save: list[str] = field(default_factory=list)
-    """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
+    """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`). On a model with
+    tied embeddings either name trains the one shared matrix (the tie is kept)."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, all, or those of the adapted layers."""
 
     def __post_init__(self):
         _require(self.r > 0, "r", f"must be > 0, got {self.r}")
@@ -169,12 +174,14 @@ class DataConfig:
     """A separate eval file (read with the first source's `format` and `field_map`); else `eval_fraction`
     of each source's valid rows is held out."""
     eval_fraction: float = 0.0
+    """Hold out this share of each source's valid rows for evaluation (seeded)."""
     chat_template: str = "auto"
     """`auto` (the tokenizer's own, else chatml), `tokenizer`, `llama-3`, `chatml`, `mistral` or `alpaca`;
     or a path to a `.jinja` file, or a Jinja template string."""
     train_on_inputs: bool = False
     """Put prompt tokens in the loss too (default: assistant turns only)."""
     max_seq_len: int = 512
+    """Tokens per packed slot (and the longest row kept, see `length_policy`)."""
     length_policy: Literal["drop", "truncate_prompt", "raise"] = "drop"
     """Rows longer than `max_seq_len`: drop them, cut the prompt from the left, or stop with an error.
     The response is never cut."""
@@ -227,11 +234,15 @@ class TrainConfig:
     """Replace the run that `output_dir` already holds (its checkpoints, adapter, logs). Without it a run
     there is never overwritten: continue it with `checkpoint.resume_from_checkpoint=auto`."""
     per_device_train_batch_size: int = 4
+    """Samples (packed slots of `data.max_seq_len` tokens) per micro-batch and process."""
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step. The global batch, per_device_train_batch_size x this x processes,
+    fixes which samples form each step: keep it when resuming on another number of processes."""
     learning_rate: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the trainable parameters."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -240,7 +251,9 @@ class TrainConfig:
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit"] = "adamw_torch"
     """`adamw_torch` uses the fused CUDA implementation on a GPU; `adamw_8bit` is bitsandbytes (GPU)."""
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after the warmup (to 0 at the last step, except the constant ones)."""
     warmup_ratio: float = 0.0
+    """Share of the optimizer steps that ramp the learning rate up linearly from 0."""
     warmup_steps: int = 0
     """Overrides `warmup_ratio` when > 0."""
     max_steps: int = -1
@@ -250,6 +263,8 @@ class TrainConfig:
     eval_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end, when there is an eval set)."""
     seed: int = 42
+    """Seeds the random init, dropout (reseeded from seed, step and rank at every step), the data order and
+    the eval split."""
 
     def __post_init__(self):
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -289,11 +304,14 @@ class LoggingConfig:
     run_name: str | None = None
     """W&B run name (display name); default: W&B picks one."""
     wandb_project: str = "distsft"
+    """W&B project."""
     wandb_entity: str | None = None
     """W&B entity (user or team); default: the API key's default entity."""
     wandb_group: str | None = None
+    """W&B group (e.g. one per sweep)."""
     wandb_tags: list[str] = field(default_factory=list)
     wandb_notes: str | None = None
+    """W&B run notes (a description)."""
     wandb_job_type: str = "train"
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
     """W&B mode; default: the `WANDB_MODE` environment variable, else `online`. `offline` writes the run
@@ -322,8 +340,11 @@ class KernelsConfig:
     """`auto`: Triton kernels where Triton can run (a CUDA device, or TRITON_INTERPRET=1), the PyTorch
     references elsewhere; `triton` insists; `torch` always uses the references."""
     rms_norm: bool = True
+    """Triton RMSNorm (Gemma's `1 + w` form too)."""
     rope: bool = True
+    """Triton rotary embedding for q and k in one in-place launch, with per-token (packed) positions."""
     swiglu: bool = True
+    """Triton SwiGLU / GeGLU."""
     cross_entropy: bool = True
     """Triton cross-entropy on materialised logits (used when the fused linear cross-entropy is off)."""
     fused_linear_cross_entropy: bool = True
@@ -347,6 +368,8 @@ class DistributedConfig:
     timeout_minutes: float = 10.0
     """Process-group timeout: a collective that waits longer fails the job instead of hanging it."""
     nonfinite_loss: Literal["skip", "abort"] = "skip"
+    """A non-finite loss or gradient norm (decided on global values): skip the optimizer step (counted),
+    or stop with exit code 65."""
     max_consecutive_nonfinite: int = 5
     """Abort after this many non-finite steps in a row even when skipping."""
     deepspeed_config: str | None = None
