@@ -172,6 +172,9 @@ def _parse(argv: list[str] | None, prog: str, launcher: bool) -> tuple[Config, a
     if args.print_config:
         _print_config(cfg)
         raise SystemExit(0)
+    from distsft.logs import quiet_libraries
+
+    quiet_libraries()  # before accelerate, DeepSpeed and bitsandbytes are imported (they print on import)
     return cfg, args
 
 
