@@ -143,6 +143,26 @@ def test_every_mode_matches_the_single_process(full_runs):
                           else ["rank-00000.safetensors", "rank-00001.safetensors"]), name
 
 
+def test_zero3_adapter_merges_like_the_single_process_one(full_runs, tmp_path):
+    """`distsft merge` after a ZeRO-3 run: the exported adapter is gathered whole (and names the random-init
+    base the run wrote), so merging it offline gives the model the single process trained."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from distsft.export import load_adapted, merge_adapter
+
+    zero3, single = full_runs["zero3_2"].out / "adapter", full_runs["single"].out / "adapter"
+    a = load_file(str(zero3 / "adapter_model.safetensors"))
+    b = load_file(str(single / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(zero3, tmp_path / "merged"), dtype=torch.float32)
+    adapted, _ = load_adapted(zero3)
+    ids = torch.randint(5, 2000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(input_ids=ids).logits, adapted(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_fused_lora_under_ddp_and_zero2(runner, full_runs):
     """The fused LoRA projections (kernels.lora; the other kernels off so only it differs) under DDP's and
     ZeRO-2's gradient hooks: the same curve as peft's forward in one process (ZeRO-3 keeps peft's forward
