@@ -49,7 +49,7 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_warning()
-        hf_logging.disable_progress_bar()  # "Loading checkpoint shards" bars, one per rank
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards": one bar per rank and file
     except ImportError:
         pass
 

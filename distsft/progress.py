@@ -176,6 +176,10 @@ class ThroughputMeter:
         self._window_t0, self._window_step, self._last_step = now, step, step
         return out
 
+    def elapsed(self) -> float:
+        """Seconds since the meter started (this process's session of the run)."""
+        return self._clock() - self._t0
+
     def totals(self, step: int | None = None, *, reduce: Callable[[Any], Any] | None = None) -> dict[str, Any]:
         """Totals since the meter started (a collective when `reduce` is given): steps, samples, tokens,
         seconds, mean throughput and MFU, peak memory (GiB, None on CPU)."""
@@ -281,6 +285,7 @@ def print_summary(
     final_eval_loss: float | None = None,
     best_eval_loss: float | None = None,
     run_label_tokens: int | None = None,
+    run_train_seconds: float | None = None,
     adapter_dir: str | None = None,
     extra: Mapping[str, Any] | None = None,
     enabled: bool = True,
@@ -291,14 +296,14 @@ def print_summary(
 
     `totals` is `ThroughputMeter.totals()`: this process's session (a resumed run's last segment). The loss
     is one number and says which: `train_loss`, the mean over the last `train_loss_steps` optimizer steps
-    (one logging window). `run_label_tokens`: label tokens over the whole run (the checkpointed count), so
-    that a resumed run's summary covers all of it; step counts come from `totals` (`final_step`) too."""
+    (one logging window). `run_label_tokens`, `run_train_seconds`: over the whole run (counted on in the
+    checkpoints), so that a resumed run's summary covers all of it; its steps come from `totals` (`final_step`)."""
     d: dict[str, Any] = dict(totals)
     start = d.get("final_step", 0) - d.get("steps", 0)
     d.update(final_train_loss=train_loss, final_train_loss_steps=train_loss_steps, final_eval_loss=final_eval_loss,
              best_eval_loss=best_eval_loss, adapter_dir=adapter_dir)
     if start > 0:  # resumed: the run's totals beside this session's
-        d.update(resumed_at_step=start, run_label_tokens=run_label_tokens)
+        d.update(resumed_at_step=start, run_label_tokens=run_label_tokens, run_train_seconds=run_train_seconds)
     d.update(extra or {})
     d = {k: v for k, v in d.items() if v is not None}
     if enabled:
@@ -307,19 +312,20 @@ def print_summary(
         labels = {
             "steps": "optimizer steps", "final_step": "final step", "world_size": "GPUs" if gpu else "processes (CPU)",
             "samples": "documents", "input_tokens": "input tokens", "label_tokens": "label tokens",
-            "train_seconds": "train time", "input_tokens_per_s": "input tokens/s",
+            "train_seconds": "train time" + (", this session" if start > 0 else ""),
+            "input_tokens_per_s": "input tokens/s",
             "input_tokens_per_s_per_gpu": f"input tokens/s per {unit}", "label_tokens_per_s": "label tokens/s",
             "mfu": "MFU", "peak_memory_gib": "peak memory (GiB)",
             "final_train_loss": f"train loss, mean of the last {d.get('final_train_loss_steps', '?')} steps",
             "final_eval_loss": "eval loss (last)", "best_eval_loss": "eval loss (best)", "adapter_dir": "adapter",
-            "run_label_tokens": "label tokens, whole run",
+            "run_label_tokens": "label tokens, whole run", "run_train_seconds": "train time, whole run",
         }
         hidden = {"final_train_loss_steps", "device", "resumed_at_step"} | ({"final_step"} if start == 0 else set())
         rows = []
         for k, v in d.items():
             if k in hidden:
                 continue
-            if k == "train_seconds":
+            if k in ("train_seconds", "run_train_seconds"):
                 text = format_duration(v)
             elif k == "mfu":
                 text = f"{100 * v:.1f}%"

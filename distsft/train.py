@@ -276,7 +276,8 @@ def main(cfg: Config) -> TrainOutput:
             cfg.save(staging / "config.yaml")
 
         trainer_state = {**state, "global_batch_size": global_batch, "seed": cfg.train.seed,
-                         "rng_policy": "reseed(sha256(seed:step:rank)) at every optimizer step"}
+                         "rng_policy": "reseed(sha256(seed:step:rank)) at every optimizer step",
+                         "train_seconds": state.get("train_seconds", 0.0) + meter.elapsed()}  # the whole run's
         result = save_checkpoint(
             ckpt_root, at_step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
             trainer_state=trainer_state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
@@ -454,7 +455,8 @@ def main(cfg: Config) -> TrainOutput:
     summary = print_summary(
         meter.totals(step, reduce=reduce_sum), train_loss=last_window_loss, train_loss_steps=len(window),
         final_eval_loss=eval_losses[-1] if eval_losses else None, best_eval_loss=min(eval_losses, default=None),
-        run_label_tokens=state["tokens_consumed"], adapter_dir=str(adapter_dir), enabled=is_main,
+        run_label_tokens=state["tokens_consumed"], run_train_seconds=state.get("train_seconds", 0.0) + meter.elapsed(),
+        adapter_dir=str(adapter_dir), enabled=is_main,
     )
     tracker.summary(summary)
     tracker.close()

@@ -39,6 +39,7 @@ def run_with_progress(cmd, *, cwd, env=None, watch: Path | None = None, idle_s: 
     command may take as long as it needs while it makes progress (prints anything, or changes a file
     under `watch`); `idle_s` seconds without either kill its whole process group and fail the test. A
     fixed total limit trips on a busy 2-core machine long before anything is wrong."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -61,7 +62,8 @@ def run_with_progress(cmd, *, cwd, env=None, watch: Path | None = None, idle_s: 
         t.start()
     seen = _latest_change(watch) if watch is not None else 0.0
     while proc.poll() is None:
-        time.sleep(poll_s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=poll_s)  # returns as soon as it exits
         if watch is not None and (changed := _latest_change(watch)) > seen:
             seen, last[0] = changed, time.monotonic()
         if time.monotonic() - last[0] > idle_s:

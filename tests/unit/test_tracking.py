@@ -477,11 +477,13 @@ def test_print_summary_returns_what_it_prints():
     assert silent == []
 
     cpu, lines = {**totals, "device": "cpu", "steps": 2, "final_step": 5}, []
-    d = print_summary(cpu, train_loss=0.4, train_loss_steps=2, run_label_tokens=9000, print_fn=lines.append)
+    d = print_summary(cpu, train_loss=0.4, train_loss_steps=2, run_label_tokens=9000, run_train_seconds=3725.0,
+                      print_fn=lines.append)
     (text,) = lines
     assert "GPU" not in text and "processes (CPU)" in text and "input tokens/s per process" in text
     assert "2 this session (resumed at step 3 of 5)" in text and "label tokens, whole run" in text
-    assert d["resumed_at_step"] == 3 and d["run_label_tokens"] == 9000
+    assert "train time, whole run" in text and "1:02:05" in text and "train time, this session" in text
+    assert d["resumed_at_step"] == 3 and d["run_label_tokens"] == 9000 and d["run_train_seconds"] == 3725.0
 
 
 @pytest.mark.gpu
