@@ -221,7 +221,8 @@ def test_qlora_under_zero3_on_two_ranks(run):
 
 
 def _census(out) -> dict:
-    return next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "kernels")
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return next(r for r in records if r.get("event") == "kernels")
 
 
 def test_fused_qlora_under_zero3_matches_one_process(run):
