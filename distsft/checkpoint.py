@@ -9,7 +9,8 @@ Layout, one directory per optimizer step under `<output_dir>/checkpoints/`:
                                       RNG policy, tracker run id, world size, global batch, versions
       config.yaml                     the resolved run config
       adapter/                        the PEFT adapter (loads with PeftModel.from_pretrained)
-      manifest.json                   written last: every file with size and SHA-256, step, world size
+      manifest.json                   written last: every file with size and SHA-256, step, world size,
+                                      commit sequence, and a digest of the manifest itself
     .staging-step-00000100/           while being written; never discovered, removed by the next save
 
 Why our own layout rather than torch.distributed.checkpoint or DeepSpeed's files: the state is
@@ -22,9 +23,19 @@ is gathered to one rank at save time, the frozen base weights are never written,
 checkpoint (which fixes the world size into its file names and partitions) is not used at all.
 
 Atomicity (RELIABILITY.md promises 1, 2, 5): ranks write into the staging directory and fsync; after a
-barrier one committer writes the manifest, renames staging to its final name and fsyncs the parent. A
-crash at any moment leaves the previous checkpoint intact and the new one either committed or ignored.
-Loading reads only safetensors and JSON, after the manifest has verified every file.
+barrier one committer fsyncs every staged file (the adapter and config.yaml too), writes the manifest,
+renames staging to its final name and fsyncs the parent. A crash at any moment leaves the previous
+checkpoint intact and the new one either committed or ignored.
+
+Order and discovery: "newest" is the last *committed*, by the manifest's commit sequence (one more than any
+checkpoint in the directory at commit time), never the highest step: after a rollback the step a resumed
+run committed last wins over a higher step of the abandoned run. Any manifest that cannot be read, is
+malformed or does not match its own digest makes a broken checkpoint (skipped by `auto` with a WARNING).
+
+Loading reads only safetensors and JSON, only the files the manifest lists, and parses the very bytes that
+matched their SHA-256; every index entry is checked against its tensors and the fragments must tile each
+tensor exactly. `find_resume_checkpoint` reads a candidate the way `load_checkpoint` will, so one that
+verifies but cannot be loaded falls back like one that does not verify.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -44,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from distsft.distributed import injected_fault
 
@@ -200,29 +212,45 @@ def _zero3_state_keys(optimizer) -> tuple[list[str], dict[str, float]]:
 
 
 def assemble(fragments: list[dict]) -> dict[str, dict[str, Any]]:
-    """Fragments from any number of ranks -> whole tensors by name, checking coverage exactly."""
+    """Fragments from any number of ranks -> whole tensors by name. Every fragment must be what its index
+    says (each tensor 1-D with `numel` elements, inside the global tensor, the same keys and global
+    shape as the other fragments of its name), and the fragments of a name must tile it exactly: no
+    gap, no overlap. Anything else is a CheckpointError naming the tensor (a crafted fragment whose
+    index claimed 0 elements overwrote a LoRA weight unnoticed)."""
     whole: dict[str, dict[str, Any]] = {}
-    covered: dict[str, int] = {}
+    spans: dict[str, list[tuple[int, int]]] = {}
     for frag in fragments:
-        name, shape = frag["name"], tuple(frag["global_shape"])
-        numel = 1
-        for s in shape:
-            numel *= s
-        entry = whole.setdefault(name, {"shape": shape, "tensors": {}, "scalars": dict(frag["scalars"])})
+        name, shape, offset, numel = frag["name"], tuple(frag["global_shape"]), frag["offset"], frag["numel"]
+        total = math.prod(shape)
+        where = f"{frag['source']}: {name}" if "source" in frag else name
+        entry = whole.setdefault(name, {"shape": shape, "tensors": {}, "scalars": dict(frag["scalars"]),
+                                        "keys": set(frag["tensors"])})
         if entry["shape"] != shape:
-            raise CheckpointError(f"{name}: fragments disagree on the global shape ({entry['shape']} vs {shape})")
+            raise CheckpointError(f"{where}: fragments disagree on the global shape ({entry['shape']} vs {shape})")
+        if set(frag["tensors"]) != entry["keys"] or "param" not in entry["keys"]:
+            raise CheckpointError(f"{where}: fragments hold different state ({sorted(frag['tensors'])} vs "
+                                  f"{sorted(entry['keys'])})")
+        if not 0 <= offset <= offset + numel <= total:
+            raise CheckpointError(f"{where}: fragment [{offset}, {offset + numel}) outside its {total} elements")
         for key, t in frag["tensors"].items():
+            if t.dim() != 1 or t.numel() != numel:
+                raise CheckpointError(f"{where}: {key} fragment has shape {tuple(t.shape)}, its index says {numel} "
+                                      "elements")
             buf = entry["tensors"].get(key)
             if buf is None:
-                buf = entry["tensors"][key] = torch.empty(numel, dtype=t.dtype)
-            buf[frag["offset"] : frag["offset"] + t.numel()] = t
-        covered[name] = covered.get(name, 0) + frag["numel"]
+                buf = entry["tensors"][key] = torch.empty(total, dtype=t.dtype)
+            buf[offset: offset + numel] = t
+        spans.setdefault(name, []).append((offset, offset + numel))
     for name, entry in whole.items():
-        numel = 1
-        for s in entry["shape"]:
-            numel *= s
-        if covered[name] != numel:
-            raise CheckpointError(f"{name}: fragments cover {covered[name]} of {numel} elements")
+        end = 0
+        for start, stop in sorted(spans[name]):
+            if start != end:
+                raise CheckpointError(f"{name}: fragments {'overlap' if start < end else 'leave a gap'} at "
+                                      f"element {min(start, end)} of {math.prod(entry['shape'])}")
+            end = stop
+        if end != math.prod(entry["shape"]):
+            raise CheckpointError(f"{name}: fragments cover {end} of {math.prod(entry['shape'])} elements")
+        del entry["keys"]
         entry["tensors"] = {k: v.view(entry["shape"]) for k, v in entry["tensors"].items()}
     return whole
 
@@ -397,6 +425,8 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         if staging.exists():
             shutil.rmtree(staging)  # a save that crashed before its commit
+        for trash in root.glob(".trash-step-*"):  # a deletion that crashed (see _remove_dir)
+            shutil.rmtree(trash, ignore_errors=True)
         (staging / "shards").mkdir(parents=True)
     barrier()
 
@@ -444,6 +474,7 @@ def save_checkpoint(
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
+            "sequence": _next_sequence(root),
             "world_size": world_size,
             "config_hash": config_hash,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -452,12 +483,15 @@ def save_checkpoint(
                 str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files
             },
         }
+        manifest["digest"] = _manifest_digest(manifest)
+        for f in files:  # every file, whoever wrote it (the adapter and config.yaml too), before the manifest
+            _fsync_file(f)
         for d in {p.parent for p in files}:
             _fsync_dir(d)
         _write_json(staging / MANIFEST, manifest)
         _fsync_dir(staging)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+            _remove_dir(final)
         os.replace(staging, final)
         _fsync_dir(root)
         size = sum(v["bytes"] for v in manifest["files"].values())
@@ -465,6 +499,14 @@ def save_checkpoint(
         logger.info("checkpoint %s committed: %.1f MB in %.2fs", final, size / 1e6, result.seconds)
     barrier()  # nobody reads or rotates before the commit is visible
     return result
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory without ever showing a half-deleted one under its committed name:
+    rename it out of discovery's sight first (a crash mid-delete leaves a `.trash-*` directory)."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
@@ -478,54 +520,267 @@ def _versions() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Discovery, verification, rotation
+# Manifests, verification, discovery, rotation
+
+# What a manifest holds. Older manifests (before `sequence` and `digest`) lack those two and still load.
+_MANIFEST_KEYS = {"format_version", "step", "sequence", "world_size", "config_hash", "created", "versions",
+                  "files", "digest"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_INDEX = re.compile(r"^shards/rank-(\d{5})\.json$")
 
 
-def verify(path: Path) -> dict:
-    """Return the manifest if every file it lists exists with its size and SHA-256; else CheckpointError."""
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's own content (every key but `digest`, canonical JSON): a change anywhere in
+    it, even one that leaves valid JSON with valid values (a step, a sequence number), is detected."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of checkpoint directory `path`, checked for shape and self-consistency (not yet the
+    files it lists): any unreadable, malformed or altered manifest is a CheckpointError naming it."""
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST} (an incomplete or foreign directory)")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mpath}: not valid JSON ({e})") from None
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{mpath}: unreadable ({type(e).__name__}: {e})") from None
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{mpath}: malformed manifest ({what})")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    for rel, meta in manifest["files"].items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"{path}: missing file {rel}")
-        if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{path}: {rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}")
-        if _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"{path}: {rel} does not match its SHA-256 in the manifest (corrupt or tampered)")
+        raise CheckpointError(f"{mpath}: format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    unknown = sorted(set(manifest) - _MANIFEST_KEYS)
+    missing = sorted({"step", "world_size", "files"} - set(manifest))
+    if unknown or missing:
+        raise bad(f"unknown keys {unknown}" if unknown else f"missing {missing}")
+    if "digest" in manifest and manifest["digest"] != _manifest_digest(manifest):
+        raise CheckpointError(f"{mpath}: does not match its own digest (corrupt or edited)")
+    if not (_is_int(manifest["step"]) and manifest["step"] >= 0):
+        raise bad(f"step {manifest['step']!r}")
+    if not (_is_int(manifest["world_size"]) and manifest["world_size"] >= 1):
+        raise bad(f"world_size {manifest['world_size']!r}")
+    if "sequence" in manifest and not (_is_int(manifest["sequence"]) and manifest["sequence"] >= 1):
+        raise bad(f"sequence {manifest['sequence']!r}")
+    if STEP_DIR.match(path.name) and int(path.name[5:]) != manifest["step"]:
+        raise CheckpointError(f"{mpath}: says step {manifest['step']}, the directory is {path.name}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise bad("no file list")
+    for rel, meta in files.items():
+        parts = Path(rel).parts
+        if (not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel or rel == MANIFEST
+                or str(Path(*parts)) != rel):
+            raise bad(f"file name {rel!r}")
+        if not (isinstance(meta, dict) and set(meta) == {"bytes", "sha256"} and _is_int(meta["bytes"])
+                and meta["bytes"] >= 0 and isinstance(meta["sha256"], str) and _SHA256.match(meta["sha256"])):
+            raise bad(f"entry of {rel}: {meta!r}")
     return manifest
 
 
-def committed_checkpoints(root: Path) -> list[Path]:
-    """Committed step directories under `root`, oldest first (staging directories never count)."""
+def _listed_file(path: Path, rel: str) -> Path:
+    f = path / rel
+    if not f.is_file():
+        raise CheckpointError(f"{path}: missing file {rel}")
+    if not f.resolve().is_relative_to(path.resolve()):
+        raise CheckpointError(f"{path}: {rel} leads outside the checkpoint directory")
+    return f
+
+
+def _check_file(path: Path, rel: str, meta: dict) -> None:
+    f = _listed_file(path, rel)
+    if f.stat().st_size != meta["bytes"]:
+        raise CheckpointError(f"{path}: {rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}")
+    try:
+        digest = _sha256(f)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {rel} ({e})") from None
+    if digest != meta["sha256"]:
+        raise CheckpointError(f"{path}: {rel} does not match its SHA-256 in the manifest (corrupt or tampered)")
+
+
+def _read_checked(path: Path, rel: str, meta: dict) -> bytes:
+    """The bytes of a listed file, checked against the manifest as read: what is parsed is what verified."""
+    try:
+        data = _listed_file(path, rel).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {rel} ({e})") from None
+    if len(data) != meta["bytes"]:
+        raise CheckpointError(f"{path}: {rel} has {len(data)} bytes, manifest says {meta['bytes']}")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"{path}: {rel} does not match its SHA-256 in the manifest (corrupt or tampered)")
+    return data
+
+
+def verify(path: Path) -> dict:
+    """Return the manifest if it is well-formed and every file it lists exists with its size and SHA-256;
+    else CheckpointError."""
+    manifest = read_manifest(path)
+    for rel, meta in manifest["files"].items():
+        _check_file(path, rel, meta)
+    return manifest
+
+
+@dataclass
+class CheckpointContents:
+    """What `read_checkpoint` read: the manifest, the trainer state, and the whole trainable tensors."""
+
+    path: Path
+    manifest: dict
+    state: dict[str, Any]
+    whole: dict[str, dict[str, Any]]
+
+
+def read_checkpoint(path: Path) -> CheckpointContents:
+    """Verify a checkpoint and read it, loading only files its manifest lists, from the very bytes that
+    matched their SHA-256: the shard pairs (`shards/rank-NNNNN.json` + `.safetensors`) and
+    `trainer_state.json`; the other listed files are verified. Everything is checked as it is parsed
+    (index entries, tensor names, sizes and dtypes, coverage of every tensor), so a checkpoint that
+    verifies but cannot be loaded is a CheckpointError here, before anything is applied to the model."""
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    indices = sorted(rel for rel in files if _SHARD_INDEX.match(rel))
+    shards = {rel[: -len(".json")] + ".safetensors" for rel in indices}
+    loaded = {"trainer_state.json", *indices, *shards}
+    for rel in sorted(shards | {"trainer_state.json"}):
+        if rel not in files:
+            raise CheckpointError(f"{path}: {MANIFEST} lists no {rel}")
+    if not indices:
+        raise CheckpointError(f"{path}: {MANIFEST} lists no shard")
+    for rel in sorted(files):
+        if rel not in loaded:
+            _check_file(path, rel, files[rel])
+    fragments = []
+    for rel in indices:
+        fragments += _read_shard(path, rel, files)
+    try:
+        state = json.loads(_read_checked(path, "trainer_state.json", files["trainer_state.json"]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: trainer_state.json is not valid JSON ({e})") from None
+    if not (isinstance(state, dict) and state.get("global_step") == manifest["step"]
+            and state.get("world_size") == manifest["world_size"] and isinstance(state.get("param_groups"), list)):
+        raise CheckpointError(f"{path}: trainer_state.json does not describe step {manifest['step']} on "
+                              f"{manifest['world_size']} process(es) (global_step, world_size, param_groups)")
+    try:
+        whole = assemble(fragments)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return CheckpointContents(path, manifest, state, whole)
+
+
+def _read_shard(path: Path, index_rel: str, files: dict) -> list[dict]:
+    """One rank's fragments: its index (JSON) and tensors (safetensors), each checked against the other."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    shard_rel = index_rel[: -len(".json")] + ".safetensors"
+    try:
+        index = json.loads(_read_checked(path, index_rel, files[index_rel]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {index_rel} is not valid JSON ({e})") from None
+    try:
+        tensors = load_safetensors(_read_checked(path, shard_rel, files[shard_rel]))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: {shard_rel} is not a safetensors file ({e})") from None
+    if not isinstance(index, list):
+        raise CheckpointError(f"{path}: {index_rel} is not a list of fragments")
+    fragments, used = [], set()
+    for n, entry in enumerate(index):
+        where = f"{path}: {index_rel} entry {n}"
+        if not (isinstance(entry, dict) and {"name", "global_shape", "offset", "numel", "keys", "scalars"}
+                <= set(entry) and isinstance(entry["name"], str) and isinstance(entry["global_shape"], list)
+                and all(_is_int(d) and d >= 0 for d in entry["global_shape"]) and _is_int(entry["offset"])
+                and _is_int(entry["numel"]) and isinstance(entry["keys"], list)
+                and all(isinstance(k, str) for k in entry["keys"]) and isinstance(entry["scalars"], dict)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        for v in entry["scalars"].values())):
+            raise CheckpointError(f"{where}: malformed")
+        names = [f"{k}/{entry['name']}" for k in entry["keys"]]
+        absent = [k for k in names if k not in tensors]
+        if absent:
+            raise CheckpointError(f"{where}: {shard_rel} has no tensor {absent[0]}")
+        if not all(tensors[k].is_floating_point() for k in names):
+            raise CheckpointError(f"{where}: a tensor of {entry['name']} is not floating point")
+        used.update(names)
+        fragments.append({"name": entry["name"], "global_shape": entry["global_shape"], "offset": entry["offset"],
+                          "numel": entry["numel"], "scalars": entry["scalars"], "source": index_rel,
+                          "tensors": {k: tensors[f"{k}/{entry['name']}"] for k in entry["keys"]}})
+    if set(tensors) != used:
+        raise CheckpointError(f"{path}: {shard_rel} holds tensors its index does not list "
+                              f"({sorted(set(tensors) - used)[:3]})")
+    return fragments
+
+
+def _surveyed(root: Path) -> list[tuple[Path, dict | CheckpointError]]:
+    """Committed step directories under `root` with their manifest (or why it cannot be read), oldest
+    first *in commit order*: by the commit sequence in the manifest (each commit takes one more than any
+    checkpoint in the directory), then by step. Not by step alone: after a rollback (a run resumed from
+    step 4 of a run that reached step 6) the step 5 committed last is the newest, not the abandoned step 6.
+    Manifests without a sequence (older checkpoints) come before those with one; unreadable or altered
+    ones first of all (never "newest": a flipped bit in a sequence number fails the manifest's digest).
+    Staging directories never count."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and STEP_DIR.match(p.name):
+            try:
+                found.append((p, read_manifest(p)))
+            except CheckpointError as e:
+                found.append((p, e))
+
+    def order(entry) -> tuple[int, int, int]:
+        p, m = entry
+        step = int(STEP_DIR.match(p.name).group(1))
+        if isinstance(m, CheckpointError):
+            return (0, 0, step)
+        return (2, m["sequence"], step) if "sequence" in m else (1, 0, step)
+
+    return sorted(found, key=order)
 
 
-def find_resume_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path | None:
-    """`None`: start fresh. `auto`: newest checkpoint that verifies (broken ones skipped with a warning).
-    A path: it must exist and verify."""
+def committed_checkpoints(root: Path) -> list[Path]:
+    """Committed step directories under `root`, oldest first in commit order (see `_surveyed`)."""
+    return [p for p, _ in _surveyed(root)]
+
+
+def _next_sequence(root: Path) -> int:
+    return 1 + max((m.get("sequence", 0) for _, m in _surveyed(root) if isinstance(m, dict)), default=0)
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike, spec: str | None, *, read: bool = True) -> Path | None:
+    """`None`: start fresh. `auto`: the newest checkpoint (commit order) that verifies and reads; a broken
+    one, whatever is wrong with it (its manifest, a file, the contents), is skipped with a WARNING naming
+    it. A path: it must exist and verify and read. `read=False` only verifies (the cheap check before the
+    run starts); the default reads every loaded file as `load_checkpoint` will, so that a checkpoint that
+    verifies but cannot be loaded falls back like one that does not verify."""
     if spec is None:
         return None
+    check = read_checkpoint if read else verify
     if spec != "auto":
         path = Path(spec)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint.resume_from_checkpoint: no such directory {path}")
-        verify(path)
+        check(path)
         return path
     root = Path(output_dir) / "checkpoints"
-    for path in reversed(committed_checkpoints(root)):
+    surveyed = _surveyed(root)
+    for _, problem in surveyed:
+        if isinstance(problem, CheckpointError):
+            logger.warning("skipping broken checkpoint: %s", problem)
+    for path, manifest in reversed(surveyed):
+        if isinstance(manifest, CheckpointError):
+            continue
         try:
-            verify(path)
+            check(path)
             return path
         except CheckpointError as e:
             logger.warning("skipping broken checkpoint: %s", e)
@@ -533,12 +788,14 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> P
     return None
 
 
-def rotate(root: Path, keep: int, protect: Path | None = None) -> list[Path]:
-    """Delete the oldest committed checkpoints beyond `keep` (never `protect`). Call after a commit."""
+def rotate(root: Path, keep: int, protect: Path | list[Path | None] | None = None) -> list[Path]:
+    """Delete the oldest committed checkpoints (commit order) beyond `keep`, never one in `protect` (the
+    one resumed from). Call after a commit: the checkpoint just committed is the newest, so it is kept."""
     ckpts = committed_checkpoints(root)
-    doomed = [p for p in ckpts[: max(0, len(ckpts) - keep)] if protect is None or p.resolve() != protect.resolve()]
+    protected = {Path(p).resolve() for p in (protect if isinstance(protect, list) else [protect]) if p is not None}
+    doomed = [p for p in ckpts[: max(0, len(ckpts) - keep)] if p.resolve() not in protected]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove_dir(p)
     return doomed
 
 
@@ -547,24 +804,12 @@ def rotate(root: Path, keep: int, protect: Path | None = None) -> list[Path]:
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Verify, then restore the trainable state, optimizer and scheduler; return the trainer state."""
-    verify(path)
-    fragments = []
-    for idx_file in sorted((path / "shards").glob("rank-*.json")):
-        tensors = load_file(str(idx_file.with_suffix(".safetensors")))
-        for entry in json.loads(idx_file.read_text()):
-            fragments.append(
-                {
-                    "name": entry["name"],
-                    "global_shape": entry["global_shape"],
-                    "offset": entry["offset"],
-                    "numel": entry["numel"],
-                    "scalars": entry["scalars"],
-                    "tensors": {k: tensors[f"{k}/{entry['name']}"] for k in entry["keys"]},
-                }
-            )
-    state = json.loads((path / "trainer_state.json").read_text())
-    apply_whole_state(model, optimizer, assemble(fragments), state["param_groups"])
+    """Verify and read (`read_checkpoint`), then restore the trainable state, optimizer and scheduler;
+    return the trainer state. A checkpoint of another model (other trainable names or shapes) is a
+    CheckpointError too, raised before anything is changed."""
+    contents = read_checkpoint(path)
+    state = contents.state
+    apply_whole_state(model, optimizer, contents.whole, state["param_groups"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return state
