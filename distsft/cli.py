@@ -350,7 +350,8 @@ def train_main(argv: list[str] | None = None) -> int:
         error(str(e))
         return USAGE_EXIT_CODE
     worker_argv = ([f"--config={args.config}"] if args.config else []) + list(args.overrides)
-    worker_argv.append(f"train.output_dir={cfg.train.output_dir}")  # as resolved here, for every rank
+    # As resolved here, for every rank; quoted, so that YAML reads it back as this very string.
+    worker_argv.append(f"train.output_dir={json.dumps(cfg.train.output_dir)}")
     return _launch(cfg, args, worker_argv)
 
 

@@ -436,8 +436,24 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _wants_text(tp: Any) -> bool:
+    """A setting that holds a string (or null): `str`, `str | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args == [str]
+    return tp is str
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (coercing str/int where unambiguous); raise ConfigError."""
+    if isinstance(value, _Typed):  # a dotted override whose YAML value would not give back its text
+        if _wants_text(tp):
+            value = value.text
+        elif value.comment is not None:
+            raise ConfigError(key, f"{value.text!r}: ' #' starts a YAML comment, which would drop "
+                                   f"{value.comment!r}; remove it, or quote the value")
+        else:
+            value = value.value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -573,8 +589,35 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+@dataclass(frozen=True)
+class _Typed:
+    """A dotted override whose YAML reading does not give back the text typed: a number or a boolean
+    (`0123` is 83, `2024_01` is 202401, `yes` is true), or a value with a YAML comment (`runs/exp #2` is
+    `runs/exp`). A string setting takes the text as typed; any other takes `value`, or refuses a comment."""
+
+    value: Any
+    text: str
+    comment: str | None = None
+
+
+def _yaml_comment(raw: str) -> str | None:
+    """The YAML comment in `raw` (from a `#` at the start or after whitespace, outside every token:
+    quoted scalars keep theirs), or None."""
+    try:
+        spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(raw)]
+    except yaml.YAMLError:
+        return None
+    for i, ch in enumerate(raw):
+        if ch == "#" and (i == 0 or raw[i - 1].isspace()) and not any(a <= i < b for a, b in spans):
+            return raw[i:].strip()
+    return None
+
+
 def parse_override(arg: str) -> tuple[str, Any]:
-    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4). Values are YAML scalars/lists/maps."""
+    """`train.learning_rate=1e-4` -> ("train.learning_rate", 1e-4). Values are YAML scalars/lists/maps,
+    but nothing typed is silently lost: a string setting gets the text as typed when YAML would read it
+    otherwise (`train.output_dir=runs/exp #2` is "runs/exp #2", not "runs/exp" with a comment;
+    `logging.run_name=0123` is "0123"), and a comment in any other setting is refused."""
     if "=" not in arg:
         raise ConfigError(arg, "expected an override of the form section.key=value")
     key, raw = arg.split("=", 1)
@@ -584,7 +627,10 @@ def parse_override(arg: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw  # an unparsable value stays a string; the type check names the key if it is wrong
+        return key, raw  # an unparsable value stays a string; the type check names the key if it is wrong
+    comment = _yaml_comment(raw)
+    if comment is not None or isinstance(value, (bool, int, float)):
+        return key, _Typed(value, raw.strip(), comment)
     return key, value
 
 

@@ -131,3 +131,42 @@ def test_a_dataset_inside_a_dict_config():
         assert cfg.data.sources[0].path.startswith("memory:")
     with pytest.raises(ConfigError, match=r"^data\.sources\.0\.path: expected a string"):
         build_config({"data": {"sources": [{"path": 3.5j}]}})
+
+
+def test_an_override_value_is_never_silently_cut():
+    """Regression (issue 22, fault 7): `train.output_dir='runs/exp #2'` was silently cut to `runs/exp`:
+    dotted overrides are parsed as YAML, where ` #` starts a comment, and `resume_from_checkpoint=auto`
+    then resumed another run and overwrote its adapter. A string setting now takes the text as typed
+    wherever YAML would read something else; any other setting refuses a comment, naming the key."""
+    from distsft.cli import parse_args
+
+    assert load_config(overrides=["train.output_dir=runs/exp #2"]).train.output_dir == "runs/exp #2"
+    cfg = load_config(overrides=["logging.run_name=#1", "logging.wandb_notes=0123", "model.revision=2024_01",
+                                 "logging.wandb_group=yes", "model.name_or_path=org/m#x"])
+    assert cfg.logging.run_name == "#1"
+    assert cfg.logging.wandb_notes == "0123" and cfg.model.revision == "2024_01" and cfg.logging.wandb_group == "yes"
+    assert cfg.model.name_or_path == "org/m#x"  # a `#` inside a word was never a comment
+    assert parse_args(["train.output_dir=runs/exp #2"]).train.output_dir == "runs/exp #2"  # the command line
+    # YAML's typing stays where it is wanted.
+    typed = load_config(overrides=["train.learning_rate=1e-4", "train.max_steps=1_000", "data.packing=no",
+                                   "lora.target_modules=[q_proj, v_proj]", "model.revision=null",
+                                   "train.output_dir='quoted #1'"])
+    assert typed.train.learning_rate == 1e-4 and typed.train.max_steps == 1000 and typed.data.packing is False
+    assert typed.lora.target_modules == ["q_proj", "v_proj"] and typed.model.revision is None
+    assert typed.train.output_dir == "quoted #1"
+    for override, key in (("train.learning_rate=1e-4 # peak", "train.learning_rate"),
+                          ("lora.target_modules=[q_proj] # attention", "lora.target_modules"),
+                          ("data.packing=true #x", "data.packing")):
+        with pytest.raises(ConfigError, match=r"' #' starts a YAML comment") as e:
+            load_config(overrides=[override])
+        assert e.value.key == key
+    # What a run writes reads back as the same config (the launcher passes the resolved output_dir on).
+    import json
+
+    assert load_config(overrides=[f"train.output_dir={json.dumps('runs/exp #2')}"]).train.output_dir == "runs/exp #2"
+
+
+def test_resolved_config_with_odd_strings_round_trips(tmp_path):
+    cfg = load_config(overrides=["train.output_dir=runs/exp #2", "logging.run_name=0123", "model.revision=2024_01"])
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
