@@ -156,10 +156,11 @@ def _print_config(cfg: Config) -> None:
     import yaml
 
     from distsft.preflight import default_output_dir
+    from distsft.tracking import redact_config
 
     if cfg.train.output_dir is None:
         cfg.train.output_dir = default_output_dir(cfg.model)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(yaml.safe_dump(redact_config(cfg.to_dict()), sort_keys=False), end="")
 
 
 def _parse(argv: list[str] | None, prog: str, launcher: bool) -> tuple[Config, argparse.Namespace]:

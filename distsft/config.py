@@ -415,8 +415,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the resolved config as YAML (loadable with `load_config`)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the resolved config as YAML (loadable with `load_config`), with any secret typed into one
+        of its strings replaced by "***" (distsft.tracking.redact_config)."""
+        from distsft.tracking import redact_config  # lazy: tracking imports this module
+
+        Path(path).write_text(yaml.safe_dump(redact_config(self.to_dict()), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------------

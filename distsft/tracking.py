@@ -17,11 +17,14 @@ records whose steps go back; readers keep the latest record per step (`distsft.p
 uploaded later with `wandb sync output_dir/wandb/offline-run-*`; pieces of one resumed run share an id
 and are synced into the same run in order).
 
-Secrets: everything sent anywhere passes through `redact` first.
+Secrets: everything sent anywhere passes through `redact` first (the config, events, the summary, W&B's
+run name, notes, tags and group, and the command line W&B records); `redact_config` is what config.yaml
+files hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +33,7 @@ import os
 import re
 import secrets
 import string
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,7 +67,8 @@ _SPECIAL_TOKENS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "additional
                    "end", "image", "video", "audio", "boi", "eoi", "think", "chat", "decoder", "prefix",
                    "suffix", "middle", "eot", "eom", "fim", "tool", "system", "user", "assistant", "max",
                    "num", "n", "min", "first", "last"}
-_HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
+# Tokens recognisable by their shape alone: Hugging Face, GitHub (classic and fine-grained).
+_TOKEN_VALUE = re.compile(r"\b(?:hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{60,})\b")
 
 
 def is_secret_key(key: Any) -> bool:
@@ -82,33 +87,54 @@ def is_secret_key(key: Any) -> bool:
     return False
 
 
-def _env_secrets() -> list[str]:
-    return [v for v in (os.environ.get(k, "") for k in SECRET_ENV_VARS) if v.strip()]
+def _known_secrets() -> list[str]:
+    """The secret values this process knows: the environment's secret variables (`SECRET_ENV_VARS`) and
+    the W&B API key that `wandb login` wrote to netrc (the usual place, with no variable set)."""
+    values = [os.environ.get(k, "") for k in SECRET_ENV_VARS]
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    for path in _netrc_paths():
+        try:
+            auth = netrc.netrc(path).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if auth and auth[2]:
+            values.append(auth[2])
+    return [v for v in values if v.strip()]
 
 
-def _redact_str(s: str, env_values: list[str]) -> str:
-    for v in env_values:
+def _redact_str(s: str, known: list[str]) -> str:
+    for v in known:
         if s == v or (len(v) >= 8 and v in s):
             s = s.replace(v, REDACTED)
-    return _HF_TOKEN_VALUE.sub(REDACTED, s)
+    return _TOKEN_VALUE.sub(REDACTED, s)
 
 
-def redact(obj: Any) -> Any:
+def redact(obj: Any, *, by_key: bool = True) -> Any:
     """A copy of `obj` (nested dicts/lists/tuples/strings) with secrets replaced by "***": the value of
-    every key that names a secret (see `is_secret_key`), every occurrence of the values of the
-    environment's secret variables (`SECRET_ENV_VARS`), and strings shaped like a Hugging Face token."""
-    env_values = _env_secrets()
+    every key that names a secret (see `is_secret_key`; not with `by_key=False`), every occurrence of a
+    secret value this process knows (`_known_secrets`: the environment's, netrc's W&B key) inside any
+    string, and strings shaped like a Hugging Face or GitHub token."""
+    known = _known_secrets()
 
     def walk(x: Any) -> Any:
         if isinstance(x, Mapping):
-            return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else walk(v)) for k, v in x.items()}
+            return {k: (REDACTED if by_key and is_secret_key(k) and v not in (None, "") else walk(v))
+                    for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return type(x)(walk(v) for v in x)
         if isinstance(x, str):
-            return _redact_str(x, env_values)
+            return _redact_str(x, known)
         return x
 
     return walk(obj)
+
+
+def redact_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as it may be written (config.yaml in the output directory, in every checkpoint
+    and in the adapter; --print-config): secret values typed into any of its strings (a W&B note, a run
+    name) replaced. By value only: its keys are the config's own (and a column named `token` in a
+    `field_map` is no secret), so that the file still loads."""
+    return redact(config_dict, by_key=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,14 +150,18 @@ def _wandb_mode(cfg: LoggingConfig) -> str:
     return {"dryrun": "offline", "run": "online"}.get(mode, mode)
 
 
+def _netrc_paths() -> list[str]:
+    if os.environ.get("NETRC"):
+        return [os.environ["NETRC"]]
+    return [os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")]
+
+
 def _wandb_key_available() -> bool:
     """An API key without asking the network: the environment, an identity token file, or netrc."""
     if os.environ.get("WANDB_API_KEY", "").strip() or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    paths = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
-        os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")]
-    for path in paths:
+    for path in _netrc_paths():
         try:
             auth = netrc.netrc(path).authenticators(host)
         except (OSError, netrc.NetrcParseError):
@@ -173,6 +203,18 @@ def check_trackers(cfg: LoggingConfig) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # The tracker
+
+
+@contextlib.contextmanager
+def _redacted_argv():
+    """`sys.argv` with secrets replaced while W&B starts a run: it records the command line (its `args`)
+    in the run's metadata, and a secret typed into a dotted override is in it."""
+    saved = list(sys.argv)
+    sys.argv[:] = redact(saved, by_key=False)
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
 
 
 def new_run_id() -> str:
@@ -264,20 +306,22 @@ class Tracker:
         import wandb
 
         cfg = self.cfg
-        self._wandb_run = wandb.init(
-            project=cfg.wandb_project,
-            entity=cfg.wandb_entity,
-            group=cfg.wandb_group,
-            name=cfg.run_name,
-            tags=list(cfg.wandb_tags) or None,
-            notes=cfg.wandb_notes,
-            job_type=cfg.wandb_job_type,
-            id=self.run_id,
-            resume="allow",
-            mode=_wandb_mode(cfg),
-            dir=str(self.output_dir),
-            config=safe_config,
-        )
+        # Every string W&B writes into its run files goes through `redact`: the run's name, notes, tags and
+        # group as typed into the config, and the command line it records (sys.argv: the dotted overrides).
+        safe = redact({"group": cfg.wandb_group, "name": cfg.run_name, "tags": list(cfg.wandb_tags) or None,
+                       "notes": cfg.wandb_notes}, by_key=False)
+        with _redacted_argv():
+            self._wandb_run = wandb.init(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                job_type=cfg.wandb_job_type,
+                id=self.run_id,
+                resume="allow",
+                mode=_wandb_mode(cfg),
+                dir=str(self.output_dir),
+                config=safe_config,
+                **safe,
+            )
         self._wandb_run.config.update({"world_size": self.world_size}, allow_val_change=True)
         # On a resume W&B holds the history up to its step; it drops anything logged below that, with a
         # warning per call. Steps an interrupted attempt logged after its last checkpoint stay as they were.

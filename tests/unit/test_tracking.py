@@ -511,3 +511,44 @@ def test_meter_reports_cuda_memory_and_syncs_phases():
         assert 0 < m["perf/mfu"] < 1
     assert meter.totals()["peak_memory_gib"] >= m["mem/allocated_gib"]
     del y
+
+
+@needs_wandb
+def test_secrets_typed_into_config_strings_are_never_written(tmp_path, secret_env, monkeypatch, capfd):
+    """Regression (issue 22, fault 8): secrets typed into config strings (`logging.wandb_notes`,
+    `logging.run_name`) were written unredacted into config.yaml (the output folder, every checkpoint, the
+    adapter) and into W&B's run files, with the command line W&B records. Also a W&B key that only
+    `wandb login` knows (netrc, no variable)."""
+    from distsft.config import load_config
+
+    netrc_key = "netrcWANDBkey0123456789abcdefUNIQUEzz99"
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text(f"machine api.wandb.ai\n  login user\n  password {netrc_key}\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    github = "ghp_" + "A1b2C3d4" * 5
+    overrides = [f"logging.wandb_notes=key {FAKE_WANDB_KEY} and {netrc_key}", f"logging.run_name=run-{FAKE_HF_TOKEN}",
+                 f"logging.wandb_tags=[t-{github}]", f"logging.wandb_group=g {FAKE_HF_TOKEN}",
+                 "logging.report_to=wandb"]
+    monkeypatch.setattr(sys, "argv", ["distsft/train.py", *overrides])
+    cfg = load_config(overrides=overrides)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg.save(out / "config.yaml")
+    saved = load_config(out / "config.yaml")
+    assert saved.logging.wandb_notes == "key *** and ***" and saved.logging.run_name == "run-***"
+    assert saved.logging.wandb_tags == ["t-***"] and saved.train == cfg.train  # the rest is the config as it was
+
+    t = Tracker(cfg.logging, out, is_main=True, config_dict=cfg.to_dict())
+    t.log({"train/loss": 1.0}, step=1)
+    t.close()
+    assert sys.argv[1:] == overrides  # the process's own command line is left as it was
+    run = read_wandb_run(offline_run_dirs(out)[0])
+    assert (run["notes"], run["display_name"], run["tags"]) == ("key *** and ***", "run-***", ["t-***"])
+    captured = capfd.readouterr()
+    for s in (netrc_key, github):
+        assert s not in captured.out + captured.err
+    assert_no_secrets(out, captured.out + captured.err)
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert netrc_key.encode() not in f.read_bytes() and github.encode() not in f.read_bytes(), f
