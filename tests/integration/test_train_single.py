@@ -27,6 +27,9 @@ def run_config(tmp, model_dir, out, **extra):
     return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
+FAKE_TOKEN = "hf_" + "FakeTokenForDistsftTests" * 2
+
+
 def losses(out):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     by_step = {}
@@ -43,7 +46,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     model_dir = write_tiny_llama(tmp / "model")
     full = tmp / "full"
-    result = distsft.train(run_config(tmp, model_dir, full, **{"checkpoint.save_steps": 3}))
+    result = distsft.train(run_config(tmp, model_dir, full, **{"checkpoint.save_steps": 3,
+                                                               "logging.wandb_notes": f"token {FAKE_TOKEN}"}))
     # Resume: a copy of the full run's output cut back to its step-3 checkpoint, then trained to step 6.
     resumed = tmp / "resumed"
     shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
@@ -62,6 +66,17 @@ def test_train_output_and_files(runs):
               "metrics.jsonl", "summary.json", "training_curves.png"):
         assert (full / f).is_file(), f
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_no_file_holds_a_secret_typed_into_the_config(runs):
+    """Regression (issue 22, fault 8): a secret typed into a config string (here a hub token in
+    logging.wandb_notes) was written into config.yaml, in the output folder and in every checkpoint."""
+    written = [p for p in runs["full"].rglob("*") if p.is_file()]
+    assert {"config.yaml", "distsft_config.yaml"} <= {p.name for p in written}
+    assert sum(p.name == "config.yaml" for p in written) == 3  # the output folder's, and two checkpoints'
+    for p in written:
+        assert FAKE_TOKEN.encode() not in p.read_bytes(), p
+    assert load_config(runs["full"] / "config.yaml").logging.wandb_notes == "token ***"
 
 
 def test_loss_falls(runs):
