@@ -14,8 +14,9 @@
 Exit codes (`distsft train` keeps them under every mode, one process or many; `accelerate launch` does not,
 see README): 0 finished; 2 bad configuration or input (one line `distsft: error: <key>: ...` on stderr,
 before any work where it can be known); 65 diverged (non-finite losses, do not retry); 75 preempted
-(SIGTERM/SIGUSR1) with a committed checkpoint (run again with checkpoint.resume_from_checkpoint=auto);
-1 a crash (its traceback above). `DISTSFT_TRACEBACK=1` shows the traceback of an input error too.
+(SIGTERM/SIGUSR1 at any moment: in training after committing a checkpoint, outside it at once, see
+distsft/lifecycle.py; run again with checkpoint.resume_from_checkpoint=auto); 1 a crash (its traceback
+above). `DISTSFT_TRACEBACK=1` shows the traceback of an input error too.
 
 Nothing heavy is imported before the arguments are parsed and validated: torch, peft and bitsandbytes print
 on import, and a typo must end in one line.
@@ -131,7 +132,7 @@ def _train_parser(prog: str, launcher: bool) -> argparse.ArgumentParser:
         prog=prog, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="LoRA supervised fine-tuning. With no arguments, trains the embedded tiny demo.",
         epilog="Overrides: section.key=value, e.g. train.learning_rate=1e-4 data.max_seq_len=2048. Exit codes: 0 "
-               "done, 2 bad config or input, 65 diverged, 75 preempted with a checkpoint (resume with "
+               "done, 2 bad config or input, 65 diverged, 75 preempted (resume with "
                "checkpoint.resume_from_checkpoint=auto), 1 crash.",
     )
     parser.add_argument("-h", "--help", action=_HelpWithConfig, help="show this help and every config key")
@@ -198,18 +199,11 @@ def _rank() -> int:
 
 
 def _report(exit_code: int, reason: str, message: str | None) -> None:
-    """Tell the launcher why this rank ends: `DISTSFT_STATUS_DIR/rank-<R>.json` (the `distsft train`
-    launcher reads it), and rank 0's `DISTSFT_STATUS_FILE` (launch scripts around a plain torchrun)."""
-    from distsft.distributed import write_exit_status
+    """Tell the launcher why this rank ends (distsft.lifecycle.report_outcome); the trainer writes the
+    preempted status file itself, with the step of its checkpoint."""
+    from distsft.lifecycle import report_outcome
 
-    status_dir = os.environ.get("DISTSFT_STATUS_DIR")
-    if status_dir:
-        record = {"rank": _rank(), "exit_code": exit_code, "reason": reason, "message": message}
-        tmp = Path(status_dir) / f".rank-{_rank()}.json.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(Path(status_dir) / f"rank-{_rank()}.json")
-    if _rank() == 0 and reason != "preempted":  # the trainer writes the preempted status itself
-        write_exit_status(reason, exit_code)
+    report_outcome(exit_code, reason, message, status_file=reason != "preempted")
 
 
 def _fail(exit_code: int, reason: str, message: str) -> None:
@@ -225,9 +219,12 @@ def _fail(exit_code: int, reason: str, message: str) -> None:
 
 def run(cfg: Config) -> None:
     """Train in this process (a rank of whatever launcher started it), mapping the outcome to the exit
-    codes above. Input errors (ValueError and its kinds, a checkpoint that does not verify) are one line."""
+    codes above. Input errors (ValueError and its kinds, a checkpoint that does not verify) are one line.
+    A crash after a preemption signal reached this rank (a collective failing because a peer stopped
+    for the same signal) is a preemption too: SystemExit(75)."""
     from distsft.checkpoint import CheckpointError
     from distsft.distributed import NONRETRYABLE_EXIT_CODE, REQUEUE_EXIT_CODE, TrainingDiverged
+    from distsft.lifecycle import PREEMPTION
     from distsft.train import main
 
     try:
@@ -245,10 +242,34 @@ def run(cfg: Config) -> None:
     except KeyboardInterrupt:
         raise
     except BaseException as e:
+        if PREEMPTION.signum is not None:
+            import logging
+
+            from distsft.lifecycle import report_outcome
+
+            message = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            logging.getLogger("distsft").warning("rank %d: %s after a preemption signal: exiting with %d",
+                                                 _rank(), message, REQUEUE_EXIT_CODE)
+            report_outcome(REQUEUE_EXIT_CODE, "preempted", message)
+            raise SystemExit(REQUEUE_EXIT_CODE) from e
         _report(CRASH_EXIT_CODE, "crash", f"{type(e).__name__}: {e}")
         raise
     if _rank() == 0:
         print(json.dumps({"global_step": out.global_step, "training_loss": out.training_loss, **out.metrics}))
+
+
+def run_to_exit(cfg: Config) -> None:
+    """`run(cfg)` as a whole process (distsft/train.py's, `distsft train`'s single process): after a
+    preemption, exit at once with 75 on every rank, as after success (`exit_cleanly`)."""
+    from distsft.lifecycle import REQUEUE_EXIT_CODE, exit_now
+
+    try:
+        run(cfg)
+    except SystemExit as e:
+        if e.code == REQUEUE_EXIT_CODE:
+            exit_now(REQUEUE_EXIT_CODE)
+        raise
+    exit_cleanly()
 
 
 def exit_cleanly(code: int = 0) -> None:
@@ -257,12 +278,9 @@ def exit_cleanly(code: int = 0) -> None:
     DeepSpeed-on-gloo run in ten on CPU then aborted while native threads were torn down ("terminate
     called without an active exception", SIGABRT), which torchrun reports as a failed rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import logging
+        from distsft.lifecycle import exit_now
 
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,13 +288,17 @@ def exit_cleanly(code: int = 0) -> None:
 
 
 def _worst(records: list[dict]) -> dict | None:
-    """The outcome to report among the ranks' records: an error or a divergence over a preemption (a rank
-    that failed makes torchrun stop the others, which then save and report 75), the lowest rank first."""
+    """The outcome to report among the ranks' records: the earliest that is not a success, since what
+    follows it is its consequence (a rank that stops makes torchrun SIGTERM the others, and their
+    collectives fail: a crash on one rank makes the others report 75, a preemption before the loop on
+    one makes the others crash). Ties (or records without a time): an error or a divergence over a
+    preemption, the lowest rank first."""
     from distsft.distributed import REQUEUE_EXIT_CODE
 
-    if not records:
-        return None
-    return min(records, key=lambda r: (r["exit_code"] == REQUEUE_EXIT_CODE, r["exit_code"] == 0, r["rank"]))
+    failed = [r for r in records if r["exit_code"] != 0]
+    if not failed:
+        return records[0] if records else None
+    return min(failed, key=lambda r: (r.get("time", 0.0), r["exit_code"] == REQUEUE_EXIT_CODE, r["rank"]))
 
 
 def _launch(cfg: Config, args: argparse.Namespace, worker_argv: list[str]) -> int:
@@ -296,6 +318,9 @@ def _launch(cfg: Config, args: argparse.Namespace, worker_argv: list[str]) -> in
     status_dir = Path(tempfile.mkdtemp(prefix="distsft-status-"))
     os.environ["DISTSFT_STATUS_DIR"] = str(status_dir)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner
+    # The agent forwards the signals it handles to the ranks (and gives them 30 s): SIGUSR1 is a preemption
+    # signal too (Slurm's --signal=USR1@...), which torchrun's default list leaves out.
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     argv = ["--nproc_per_node", str(args.nproc_per_node or 1), "--nnodes", str(args.nnodes),
             "--node_rank", str(args.node_rank)]
     for name in ("master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id"):
@@ -336,12 +361,14 @@ def train_main(argv: list[str] | None = None) -> int:
     """`distsft train`: validate everything that can be validated (config, paths, tokenizer, trackers,
     output directory) in this process, then train here (one process, or a rank an outer launcher started)
     or start this node's ranks."""
+    from distsft.lifecycle import PREEMPTION
+
+    PREEMPTION.install()  # a signal from here on ends with 75 and a status record (torchrun's agent takes over)
     cfg, args = _parse(argv, "distsft train", launcher=True)
     world = args.nproc_per_node or 1
     multi = (world > 1 or args.nnodes not in ("1", "1:1")) and "RANK" not in os.environ
     if not multi:
-        run(cfg)
-        exit_cleanly()
+        run_to_exit(cfg)
         return 0
     from distsft.preflight import preflight
 

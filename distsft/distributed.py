@@ -1,5 +1,6 @@
-"""Process groups, DeepSpeed plumbing and preemption: what the loop needs to run the same on 1 process,
-DDP, and DeepSpeed ZeRO-1/2/3 (with or without CPU offload).
+"""Process groups and DeepSpeed plumbing: what the loop needs to run the same on 1 process, DDP, and
+DeepSpeed ZeRO-1/2/3 (with or without CPU offload). Exit codes and preemption live in distsft/lifecycle.py
+(the entry points install its handler before torch is imported); their names are re-exported here.
 
 The mode comes from the launcher: `accelerate launch --config_file accelerate_configs/<mode>.yaml`, or
 `torchrun` with `distributed.deepspeed_config=ds_configs/zeroN.json` in the run config (both end up in
@@ -13,27 +14,20 @@ import contextlib
 import json
 import logging
 import os
-import signal
 from datetime import timedelta
 
 import torch
 
 from distsft.config import Config, DistributedConfig
+from distsft.lifecycle import (  # noqa: F401  (re-exported: the loop's names for them)
+    NONRETRYABLE_EXIT_CODE,
+    REQUEUE_EXIT_CODE,
+    PreemptionFlag,
+    injected_fault,
+    write_exit_status,
+)
 
 logger = logging.getLogger(__name__)
-
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint committed, run me again"
-NONRETRYABLE_EXIT_CODE = 65  # EX_DATAERR: diverged (non-finite losses); retrying would do the same
-
-
-def write_exit_status(reason: str, exit_code: int, step: int | None = None) -> None:
-    """For launchers that only see torchrun's exit code (any failed worker makes it 1): the file named by
-    DISTSFT_STATUS_FILE (set by launch/multinode.sh and launch/slurm.sbatch) gets the real reason."""
-    path = os.environ.get("DISTSFT_STATUS_FILE")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"reason": reason, "exit_code": exit_code, "step": step}, f)
-
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row: the command line exits with NONRETRYABLE_EXIT_CODE."""
@@ -290,50 +284,7 @@ def gathered_parameters(params: list[torch.nn.Parameter]):
         yield
 
 
-def injected_fault(name: str, step: int, rank: int) -> bool:
-    """Test hook: DISTSFT_TEST_FAULT="<name>@<step>@<rank>" makes `name` happen there (the multi-process
-    tests kill a rank inside a save, or feed it a NaN loss). Never set in real runs."""
-    spec = os.environ.get("DISTSFT_TEST_FAULT", "")
-    return bool(spec) and spec == f"{name}@{step}@{rank}"
-
-
 def sample_digest(indices: list[int]) -> int:
     """An order-free digest of a set of sample indices: summed over ranks it names the samples of an
     optimizer step independently of the world size (tests compare it across modes)."""
     return sum((i * 2654435761 + 97) % 1_000_003 for i in indices)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Preemption
-
-
-class PreemptionFlag:
-    """SIGTERM and SIGUSR1 only set a flag (a handler must not do I/O or collectives); the loop asks
-    `agreed()` at every step boundary, which all-reduces it so that every rank stops at the same step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def install(self) -> PreemptionFlag:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            logger.warning("received %s: will save a checkpoint and exit at the next step boundary",
-                           signal.Signals(signum).name)
-        # A second signal changes nothing: one save, then exit.
-
-    def agreed(self, accelerator) -> bool:
-        """True on every rank if any rank was signalled (a collective: every rank calls it)."""
-        local = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(local, "max").item() > 0)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

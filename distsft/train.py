@@ -30,6 +30,10 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _pkg_dir]
     if importlib.util.find_spec("distsft") is None:
         sys.path.append(str(_pkg_dir.parent))
+    from distsft.lifecycle import PREEMPTION, watch_agent
+
+    PREEMPTION.install()  # from here on a preemption signal ends the process with 75 and a status record
+    watch_agent()  # a torchrun worker stops when its agent is gone
     from distsft.cli import parse_args
 
     _CLI_CONFIG = parse_args()  # a bad key or value exits here, before torch is imported
@@ -76,6 +80,7 @@ from distsft.distributed import (
 )
 from distsft.export import export_adapter, save_adapter, trainable_state_dict
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
+from distsft.lifecycle import PREEMPTION, injected_signal
 from distsft.logs import setup_logging
 from distsft.loss import backward_scale, count_targets
 from distsft.model import (
@@ -201,6 +206,8 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
 
 
 def main(cfg: Config) -> TrainOutput:
+    preemption = PREEMPTION  # a signal before the loop ends the process at once (distsft/lifecycle.py)
+    preemption.install()  # a no-op when the entry point installed it at process start
     preflight(cfg)  # paths, tokenizer, trackers, output directory: one line naming the key, before any work
     # ZeRO-1/2 with a small trainable state run as DDP (distributed.zero12): decided before the process
     # group exists, from the trainable count of a meta-device skeleton.
@@ -246,6 +253,7 @@ def main(cfg: Config) -> TrainOutput:
         cfg.train.num_train_epochs * steps_per_epoch)
 
     model, kernel_report = build_model(cfg.model, cfg.lora, cfg.kernels, device, seed=cfg.train.seed)
+    injected_signal("sigterm_after_model", 0, rank, "SIGTERM")
     check_token_ids(data, model.causal_lm.get_input_embeddings().num_embeddings, tokenizer)
     compute_dtype = next(model.causal_lm.parameters()).dtype
     trainable, total = trainable_parameter_count(model)
@@ -362,8 +370,8 @@ def main(cfg: Config) -> TrainOutput:
     window_real = window_slots = 0  # non-padding tokens / (rows x padded length) fed to the model
 
     # From here on SIGTERM/SIGUSR1 only set a flag: there is state worth saving. (Before, during data
-    # preparation and model loading, a signal ends the process at once: nothing is lost.)
-    preemption = PreemptionFlag().install()
+    # preparation and model loading, a signal ends the process at once with 75: nothing is lost.)
+    preemption.defer()
 
     # The loop. One iteration = one optimizer step over `accum` micro-batches on every rank.
     model.train()
@@ -477,10 +485,13 @@ def main(cfg: Config) -> TrainOutput:
             bar.close()
             logger.warning("preempted: checkpoint at step %d committed; exiting with %d for requeue",
                            step, REQUEUE_EXIT_CODE)
+            accelerator.wait_for_everyone()  # then every rank exits at once (distsft.cli.run_to_exit)
             raise SystemExit(REQUEUE_EXIT_CODE)
     bar.close()
     if cfg.checkpoint.save_steps and step > 0 and not (ckpt_root / step_dir_name(step)).exists():
         save(step)  # the final state, e.g. a run resumed at its last step into a new output directory
+    if cfg.checkpoint.save_steps:  # the final checkpoint is committed: a signal from here on ends the process
+        preemption.expedite(step)  # (without checkpoints the run finishes its export instead)
 
     if data.eval is not None and (not eval_losses or not cfg.train.eval_steps or step % cfg.train.eval_steps):
         eval_loss = evaluate(model, data.eval, cfg, accelerator, pad_id, compute_dtype, preemption)
@@ -519,7 +530,6 @@ def main(cfg: Config) -> TrainOutput:
         **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
         "skipped_steps": state["skipped_steps"],
     }
-    preemption.restore()
     accelerator.end_training()
     return TrainOutput(global_step=step, training_loss=metrics["train_loss"], metrics=metrics)
 
@@ -534,7 +544,12 @@ def train(config: Config | dict | str | os.PathLike, resume_from_checkpoint: str
         cfg = config
     if resume_from_checkpoint is not None:
         cfg.checkpoint.resume_from_checkpoint = str(resume_from_checkpoint)
-    return main(cfg)
+    installed = PREEMPTION.install()
+    try:
+        return main(cfg)
+    finally:
+        if installed:  # the caller's handlers back
+            PREEMPTION.restore()
 
 
 class _CallableModule(type(sys)):
@@ -547,7 +562,6 @@ class _CallableModule(type(sys)):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    from distsft.cli import exit_cleanly, run
+    from distsft.cli import run_to_exit
 
-    run(_CLI_CONFIG)
-    exit_cleanly()
+    run_to_exit(_CLI_CONFIG)

@@ -6,6 +6,7 @@ the single process with no DeepSpeed. A subprocess that stops making progress (n
 written) for LIMIT seconds fails the test; none has a fixed total limit that a busy machine could trip.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -238,35 +240,178 @@ def test_rank_killed_during_save_leaves_previous_checkpoint(runner, full_runs):
     assert_same_curve(full_runs["single"], resumed, steps=(3, 4))
 
 
-def test_sigterm_to_one_rank_saves_once_and_exits_with_requeue_code(runner):
+class Ranks:
+    """The ranks of one launch as this test's own children (torchrun's environment, no agent), so that the
+    test sees each rank's exit code (torchrun reports only the first failure it notices) and can play the
+    agent: when one rank exits, SIGTERM the others, as torchrun does."""
+
+    def __init__(self, runner: Runner, out: Path, world: int, mode: str, extra: dict, env: dict):
+        port = free_port()
+        self.procs, self.lines = [], []
+        args = runner.overrides(out, world, mode, extra)
+        for r in range(world):
+            rank_env = {**runner.env, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
+                        "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0"}
+            self.procs.append(subprocess.Popen([sys.executable, TRAIN, *args], cwd=runner.root, env=rank_env,
+                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            self.lines.append([])
+        self.last_output = time.monotonic()
+        for proc, lines in zip(self.procs, self.lines, strict=True):
+            threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
+
+    def _pump(self, proc, lines):
+        for line in proc.stdout:
+            lines.append(line)
+            self.last_output = time.monotonic()
+
+    def output(self, rank: int) -> str:
+        return "".join(self.lines[rank])
+
+    def kill(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_sigterm_to_one_rank_saves_once_and_every_rank_exits_75(runner):
+    """Regression (issue 22, fault 4): exit code 75 on every rank was racy. After logging "exiting with 75"
+    each rank spent ~4 s in interpreter finalization, where Python has put back the default SIGTERM action,
+    and torchrun SIGTERMs the ranks still alive once the first one exits: in 6 of 11 preemptions one rank
+    ended -15. Each rank now leaves at once after the save (a barrier, then no finalization), and a SIGTERM
+    at any moment after its last log line changes nothing: here every rank gets one every 20 ms from then
+    on, and the test plays the agent too."""
     out = runner.root / "preempt"
     status = runner.root / "preempt-status.json"
-    cmd = runner.command(out, 2, "ddp", {"train.max_steps": 400, "checkpoint.save_steps": 0})
-    agent = subprocess.Popen(cmd, cwd=runner.root, env={**runner.env, "DISTSFT_STATUS_FILE": str(status)},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks = Ranks(runner, out, 2, "ddp", {"train.max_steps": 400, "checkpoint.save_steps": 0},
+                  {"DISTSFT_STATUS_FILE": str(status)})
     try:
         deadline = time.monotonic() + 3 * LIMIT  # start-up only: generous on a busy machine
         metrics = out / "metrics.jsonl"
         while not (metrics.exists() and '"train/loss"' in metrics.read_text()):
-            assert agent.poll() is None and time.monotonic() < deadline, "training never started"
+            assert all(p.poll() is None for p in ranks.procs) and time.monotonic() < deadline, "never trained"
             time.sleep(0.2)
-        rank1 = next(int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(agent.pid)], text=True).split()
-                     if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
-        os.kill(rank1, signal.SIGTERM)
-        os.kill(rank1, signal.SIGTERM)  # a second signal must not start a second save
+        os.kill(ranks.procs[1].pid, signal.SIGTERM)
+        os.kill(ranks.procs[1].pid, signal.SIGTERM)  # a second signal must not start a second save
         t0 = time.monotonic()
-        output, _ = agent.communicate(timeout=LIMIT)
+        while any(p.poll() is None for p in ranks.procs):
+            assert time.monotonic() - ranks.last_output < LIMIT, "no output: hung?"
+            one_exited = any(p.poll() is not None for p in ranks.procs)
+            for r, proc in enumerate(ranks.procs):
+                if proc.poll() is None and (one_exited or "exiting with 75" in ranks.output(r)):
+                    os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.02)
+        elapsed = time.monotonic() - t0
     finally:
-        if agent.poll() is None:
-            agent.kill()
-    assert time.monotonic() - t0 < 30, "signal to exit must fit in torchrun's/Slurm's grace period"
-    assert "exitcode  : 75" in output, output[-3000:]
+        ranks.kill()
+    codes = [p.wait() for p in ranks.procs]
+    assert codes == [75, 75], f"{codes}\n{ranks.output(0)[-2000:]}\n{ranks.output(1)[-2000:]}"
+    assert elapsed < 30, "signal to exit must fit in torchrun's/Slurm's grace period"
     committed = [p.name for p in (out / "checkpoints").iterdir()]
     assert len(committed) == 1 and committed[0].startswith("step-"), committed
     step = int(committed[0].split("-")[1])
     assert 1 <= step < 400
     assert json.loads(status.read_text()) == {"reason": "preempted", "exit_code": 75, "step": step}
     verify(out / "checkpoints" / committed[0])
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie no longer does)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def sigterm_caught(pid: int) -> bool:
+    """Whether process `pid` has a handler for SIGTERM (Linux: the SigCgt mask in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+def test_a_signal_during_start_up_ends_with_the_requeue_code(runner, tmp_path):
+    """Regression (issue 22, fault 5): a signal during start-up was never requeued. SIGTERM after the model
+    was built but before the loop gave -15 on every worker, no status file and torchrun rc 1, so
+    launch/slurm.sbatch did not requeue. From process start on, a preemption signal now ends with 75 and a
+    status file, with or without a checkpoint: here rank 0 of `distsft train --nproc_per_node 2` signals
+    itself right after building the model, and a single process is signalled while it imports torch."""
+    out = runner.root / "startup"
+    status = tmp_path / "status.json"
+    cmd = [sys.executable, "-m", "distsft", "train", "--nproc_per_node", "2",
+           *runner.overrides(out, 2, "ddp", {"train.max_steps": 400})]
+    proc = run_with_progress(cmd, cwd=runner.root, watch=out, idle_s=LIMIT,
+                             env={**runner.env, "DISTSFT_TEST_FAULT": "sigterm_after_model@0@0",
+                                  "DISTSFT_STATUS_FILE": str(status)})
+    assert proc.returncode == 75, proc.stderr[-4000:]
+    assert json.loads(status.read_text()) == {"reason": "preempted", "exit_code": 75, "step": None}
+    assert "received SIGTERM outside the training loop" in proc.stderr and not (out / "checkpoints").exists()
+
+    single = subprocess.Popen([sys.executable, TRAIN, *runner.overrides(runner.root / "early", 1, "single", {})],
+                              cwd=runner.root, env={**runner.env, "DISTSFT_STATUS_FILE": str(status)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while single.poll() is None and not sigterm_caught(single.pid):
+            time.sleep(0.005)
+        single.send_signal(signal.SIGTERM)  # its first lines have run; torch is still being imported
+        _, stderr = single.communicate(timeout=LIMIT)
+    finally:
+        if single.poll() is None:
+            single.kill()
+    assert single.returncode == 75, stderr[-3000:]
+    assert "received SIGTERM outside the training loop" in stderr and " model: " not in stderr
+    assert json.loads(status.read_text()) == {"reason": "preempted", "exit_code": 75, "step": None}
+
+
+def test_workers_stop_when_the_torchrun_agent_dies(runner):
+    """Regression (issue 22): killing the torchrun agent alone left both workers training and writing
+    checkpoints for 60 s and more (torchrun starts each in a session of its own, so nothing reached them).
+    Each worker now watches its parent; once the agent is gone it stops as on a preemption signal: one
+    checkpoint, saved together, and the run ends within a few steps."""
+    out = runner.root / "orphans"
+    cmd = runner.command(out, 2, "ddp", {"train.max_steps": 100000, "checkpoint.save_steps": 0})
+    agent = subprocess.Popen(cmd, cwd=runner.root, env=runner.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, last = [], [time.monotonic()]
+
+    def pump():
+        for line in agent.stdout:
+            lines.append(line)
+            last[0] = time.monotonic()
+
+    threading.Thread(target=pump, daemon=True).start()
+    metrics = out / "metrics.jsonl"
+
+    def last_step() -> int:
+        steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+        return max(steps, default=0)
+
+    workers = []
+    try:
+        deadline = time.monotonic() + 3 * LIMIT  # start-up only
+        while not (metrics.exists() and '"train/loss"' in metrics.read_text()):
+            assert agent.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        workers = [int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(agent.pid)], text=True).split()]
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        killed_at = last_step()
+        while any(alive(pid) for pid in workers):
+            assert last_step() < killed_at + 50, "the workers train on without their agent"
+            assert time.monotonic() - max(last[0], metrics.stat().st_mtime) < LIMIT, "hung?"
+            time.sleep(0.2)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    events = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert any(e.get("event") == "preempted" for e in events), "".join(lines)[-3000:]
+    (ckpt,) = (out / "checkpoints").iterdir()
+    verify(ckpt)
 
 
 def test_two_torchrun_agents_train_checkpoint_and_resume(runner, full_runs):
