@@ -88,12 +88,29 @@ def zero12_as_ddp(cfg: DistributedConfig, ds: dict | None, trainable_numel: int 
             f"{saving / 2**30:.2f} GiB saved per GPU at {world} GPU(s)); the base model is replicated either way")
 
 
+def set_default_timeout(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group created without one of its own. The world group
+    gets it from `init_process_group`, but DeepSpeed clones the world group for its collectives
+    (`deepspeed.utils.groups._clone_world_group`: `dist.new_group(ranks)` through
+    `deepspeed.comm.torch.TorchBackend.new_group`, which passes no timeout) and ZeRO's gradient reduction,
+    gradient norm and parameter gathers all run on that clone; torch then gives it its backend's default,
+    30 minutes for gloo, so a frozen rank hung ZeRO-2 for half an hour instead of
+    `distributed.timeout_minutes`. torch reads the default from these module attributes at each `new_group`
+    (`distributed_c10d._get_default_timeout`): setting them reaches every group any library creates later."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:  # None in a build without NCCL
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def build_accelerator(cfg: Config, *, as_ddp: bool = False):
     """The Accelerator for this launch. `as_ddp`: a ZeRO-1/2 launch runs as DDP (`zero12_as_ddp`)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     timeout = timedelta(minutes=cfg.distributed.timeout_minutes)
+    set_default_timeout(timeout)  # before any group exists: DeepSpeed's clones inherit it
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if as_ddp:  # `accelerate launch` with a DeepSpeed YAML said DeepSpeed in the environment
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"

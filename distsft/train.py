@@ -399,6 +399,7 @@ def main(cfg: Config) -> TrainOutput:
 
         # The first step of this process counts which path every patched module takes (kernel census).
         census = record_kernels() if census_pending else contextlib.nullcontext()
+        injected_signal("freeze", step, rank, "SIGSTOP")  # test hook: a rank that stops answering
         with timer.phase("fwd_bwd"), census as ran:
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             for i, mb in enumerate(micro_batches):

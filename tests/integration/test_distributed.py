@@ -364,6 +364,50 @@ def test_a_signal_during_start_up_ends_with_the_requeue_code(runner, tmp_path):
     assert json.loads(status.read_text()) == {"reason": "preempted", "exit_code": 75, "step": None}
 
 
+def test_a_frozen_rank_under_zero2_fails_the_job_within_the_timeout(runner):
+    """Regression (issue 22, fault 6): DeepSpeed's collectives ignored `distributed.timeout_minutes`. With
+    one rank frozen, DDP exited at its timeout, but ZeRO-2 hung inside DeepSpeed's gradient reduction (its
+    clone of the world group got torch's default, 30 minutes for gloo). Rank 1 stops itself (SIGSTOP) before
+    its step-3 forward; rank 0 must fail at the 30 s timeout, not hang (the test fails after LIMIT s without
+    output)."""
+    out = runner.root / "frozen"
+    cmd = runner.command(out, 2, "zero2", {"distributed.zero12": "deepspeed", "distributed.timeout_minutes": 0.5,
+                                           "train.max_steps": 6, "checkpoint.save_steps": 0})
+    agent = subprocess.Popen(cmd, cwd=runner.root, env={**runner.env, "DISTSFT_TEST_FAULT": "freeze@2@1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, last = [], [time.monotonic()]
+
+    def pump():
+        for line in agent.stdout:
+            lines.append(line)
+            last[0] = time.monotonic()
+
+    threading.Thread(target=pump, daemon=True).start()
+    workers = {}
+    try:
+        while agent.poll() is None:
+            assert time.monotonic() - last[0] < LIMIT, "no output: hung?\n" + "".join(lines)[-3000:]
+            for pid in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split():
+                with contextlib.suppress(OSError):
+                    rank = int(dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                                    if "=" in kv)["RANK"])
+                    workers[rank] = int(pid)
+            if 0 in workers and 1 in workers and not alive(workers[0]):
+                with contextlib.suppress(OSError):  # rank 0 has failed: let the frozen rank see it too
+                    os.kill(workers[1], signal.SIGCONT)
+            time.sleep(0.5)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        for pid in workers.values():  # each in a session of its own: not ended with the agent
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    output = "".join(lines)
+    assert agent.returncode != 0
+    assert "Timed out" in output or "timed out" in output.lower(), output[-4000:]
+    assert '"train/loss"' in (out / "metrics.jsonl").read_text()  # it trained before the freeze
+
+
 def test_workers_stop_when_the_torchrun_agent_dies(runner):
     """Regression (issue 22): killing the torchrun agent alone left both workers training and writing
     checkpoints for 60 s and more (torchrun starts each in a session of its own, so nothing reached them).
