@@ -1,5 +1,25 @@
-"""Command line: parse and validate the run config before anything heavy is imported, so a bad key or
-value ends the run with exactly one line on stderr (torch, peft and bitsandbytes print on import)."""
+"""The `distsft` command.
+
+    distsft train [--config run.yaml] [section.key=value ...]        the training loop, one process
+    distsft train --nproc_per_node 8 --config run.yaml ...            N processes on this node (torchrun's agent)
+    distsft train --nnodes 2 --node_rank 0 --master_addr n0 ...       one node of several
+    distsft train --help | --print-config                             every config key; the resolved config
+    distsft data  --config run.yaml [--show 3]                        what the data becomes (python -m distsft.data)
+    distsft plot  outputs/run                                         redraw training_curves.png
+    distsft merge outputs/run/adapter outputs/run/merged              adapter + base -> a plain HF model
+    distsft generate outputs/run/adapter --prompt "..."               a few prompts through base + adapter
+    distsft chat  outputs/run/adapter                                 the same, interactively
+    distsft env                                                       versions and devices, for a bug report
+
+Exit codes (`distsft train` keeps them under every mode, one process or many; `accelerate launch` does not,
+see README): 0 finished; 2 bad configuration or input (one line `distsft: error: <key>: ...` on stderr,
+before any work where it can be known); 65 diverged (non-finite losses, do not retry); 75 preempted
+(SIGTERM/SIGUSR1) with a committed checkpoint (run again with checkpoint.resume_from_checkpoint=auto);
+1 a crash (its traceback above). `DISTSFT_TRACEBACK=1` shows the traceback of an input error too.
+
+Nothing heavy is imported before the arguments are parsed and validated: torch, peft and bitsandbytes print
+on import, and a typo must end in one line.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +27,227 @@ import argparse
 import json
 import os
 import sys
+import textwrap
+from pathlib import Path
 
 from distsft.config import Config, ConfigError, load_config
 
+USAGE_EXIT_CODE = 2  # bad configuration or input: argparse's code for a bad command line
+CRASH_EXIT_CODE = 1
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+LAUNCHER_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_backend",
+                    "rdzv_endpoint", "rdzv_id")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config reference (`--help`)
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """Attribute docstrings of the config dataclasses, by class and field (Python keeps none at runtime)."""
+    import ast
+    import inspect
+
+    import distsft.config as config_module
+
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(inspect.getsource(config_module)).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs.setdefault(node.name, {})
+        for a, b in zip(node.body, node.body[1:], strict=False):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                fields[a.target.id] = inspect.cleandoc(b.value.value)
+    return docs
+
+
+def _yaml_scalar(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def config_reference(width: int = 100) -> str:
+    """Every section and key with its default and docstring, from the dataclasses themselves."""
+    import dataclasses
+    import typing
+
+    from distsft.config import PRETRAINED_DEFAULTS, DataSourceConfig
+
+    docs = _field_docs()
+    lines = ["configuration keys (set with section.key=value, or in the YAML file of --config):"]
+
+    def describe(cls, prefix: str, section: str | None, indent: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            if dataclasses.is_dataclass(default) or (isinstance(default, list) and default
+                                                     and dataclasses.is_dataclass(default[0])):
+                default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else [
+                    dataclasses.asdict(d) for d in default]
+            text = f"{indent}{prefix}{f.name} = {default if default == '(required)' else _yaml_scalar(default)}"
+            pretrained = PRETRAINED_DEFAULTS.get(section or "", {}).get(f.name)
+            if pretrained is not None:
+                text += f"   (with model.name_or_path: {_yaml_scalar(pretrained)})"
+            lines.append(text)
+            doc = docs.get(cls.__name__, {}).get(f.name)
+            if doc:
+                lines.extend(textwrap.wrap(" ".join(doc.split()), width=width, initial_indent=indent + "    ",
+                                           subsequent_indent=indent + "    "))
+            if hints[f.name] == list[DataSourceConfig]:
+                lines.append(f"{indent}    each source:")
+                describe(DataSourceConfig, f"{prefix}{f.name}.N.", None, indent + "      ")
+
+    for f in dataclasses.fields(Config):
+        lines.append("")
+        lines.append(f"{f.name}:")
+        describe(f.default_factory().__class__, f"{f.name}.", f.name, "  ")
+    return "\n".join(lines)
+
+
+class _HelpWithConfig(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print()
+        print(config_reference())
+        parser.exit()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing a training command line
+
+
+def _train_parser(prog: str, launcher: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="LoRA supervised fine-tuning. With no arguments, trains the embedded tiny demo.",
+        epilog="Overrides: section.key=value, e.g. train.learning_rate=1e-4 data.max_seq_len=2048. Exit codes: 0 "
+               "done, 2 bad config or input, 65 diverged, 75 preempted with a checkpoint (resume with "
+               "checkpoint.resume_from_checkpoint=auto), 1 crash.",
+    )
+    parser.add_argument("-h", "--help", action=_HelpWithConfig, help="show this help and every config key")
+    parser.add_argument("--config", help="YAML run file (command-line overrides win)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    if launcher:
+        group = parser.add_argument_group(
+            "processes (torchrun's options; without them: one process, or the launcher's processes)")
+        group.add_argument("--nproc_per_node", "--nproc-per-node", type=int, help="processes (GPUs) on this node")
+        group.add_argument("--nnodes", default="1", help="number of nodes (or MIN:MAX)")
+        group.add_argument("--node_rank", "--node-rank", type=int, default=0)
+        group.add_argument("--master_addr", "--master-addr", help="address of node 0 (static rendezvous)")
+        group.add_argument("--master_port", "--master-port", type=int)
+        group.add_argument("--rdzv_backend", "--rdzv-backend", help="c10d for a rendezvous on --rdzv_endpoint")
+        group.add_argument("--rdzv_endpoint", "--rdzv-endpoint", help="host:port")
+        group.add_argument("--rdzv_id", "--rdzv-id", help="job id shared by every node")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, section.key=value")
+    return parser
+
+
+def _print_config(cfg: Config) -> None:
+    import yaml
+
+    from distsft.preflight import default_output_dir
+
+    if cfg.train.output_dir is None:
+        cfg.train.output_dir = default_output_dir(cfg.model)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+def _parse(argv: list[str] | None, prog: str, launcher: bool) -> tuple[Config, argparse.Namespace]:
+    args = _train_parser(prog, launcher).parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        error(str(e))
+        raise SystemExit(USAGE_EXIT_CODE) from None
+    if args.print_config:
+        _print_config(cfg)
+        raise SystemExit(0)
+    from distsft.logs import quiet_libraries
+
+    quiet_libraries()  # before accelerate, DeepSpeed and bitsandbytes are imported (they print on import)
+    return cfg, args
+
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        prog="distsft/train.py",
-        description="LoRA SFT. With no arguments, trains the embedded tiny demo.",
-        epilog="Overrides: section.key=value, e.g. train.learning_rate=1e-4 data.max_seq_len=2048",
-    )
-    parser.add_argument("--config", help="YAML run file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, section.key=value")
-    args = parser.parse_args(argv)
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"distsft: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """`distsft/train.py`'s command line (the processes are the launcher's): a validated Config, or exit 2
+    with one line on stderr."""
+    return _parse(argv, "distsft/train.py", launcher=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors and exit codes
+
+
+def error(message: str) -> None:
+    print(f"distsft: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _report(exit_code: int, reason: str, message: str | None) -> None:
+    """Tell the launcher why this rank ends: `DISTSFT_STATUS_DIR/rank-<R>.json` (the `distsft train`
+    launcher reads it), and rank 0's `DISTSFT_STATUS_FILE` (launch scripts around a plain torchrun)."""
+    from distsft.distributed import write_exit_status
+
+    status_dir = os.environ.get("DISTSFT_STATUS_DIR")
+    if status_dir:
+        record = {"rank": _rank(), "exit_code": exit_code, "reason": reason, "message": message}
+        tmp = Path(status_dir) / f".rank-{_rank()}.json.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(Path(status_dir) / f"rank-{_rank()}.json")
+    if _rank() == 0 and reason != "preempted":  # the trainer writes the preempted status itself
+        write_exit_status(reason, exit_code)
+
+
+def _fail(exit_code: int, reason: str, message: str) -> None:
+    """End this rank with `exit_code` and one line: printed here, or by the `distsft train` launcher,
+    which prints one line for all its ranks."""
+    message = " ".join(message.split())
+    _report(exit_code, reason, message)
+    if not os.environ.get("DISTSFT_STATUS_DIR"):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        error(f"rank {_rank()}: {message}" if world > 1 else message)
+    raise SystemExit(exit_code)
 
 
 def run(cfg: Config) -> None:
-    from distsft.distributed import NONRETRYABLE_EXIT_CODE, TrainingDiverged, write_exit_status
+    """Train in this process (a rank of whatever launcher started it), mapping the outcome to the exit
+    codes above. Input errors (ValueError and its kinds, a checkpoint that does not verify) are one line."""
+    from distsft.checkpoint import CheckpointError
+    from distsft.distributed import NONRETRYABLE_EXIT_CODE, REQUEUE_EXIT_CODE, TrainingDiverged
     from distsft.train import main
 
     try:
         out = main(cfg)
     except TrainingDiverged as e:
-        print(f"distsft: error: {e}", file=sys.stderr)
-        if int(os.environ.get("RANK", "0")) == 0:
-            write_exit_status("diverged", NONRETRYABLE_EXIT_CODE)
-        raise SystemExit(NONRETRYABLE_EXIT_CODE) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+        _fail(NONRETRYABLE_EXIT_CODE, "diverged", str(e))
+    except SystemExit as e:
+        if e.code == REQUEUE_EXIT_CODE:
+            _report(REQUEUE_EXIT_CODE, "preempted", None)
+        raise
+    except (ValueError, CheckpointError) as e:
+        if os.environ.get("DISTSFT_TRACEBACK"):
+            raise
+        _fail(USAGE_EXIT_CODE, "error", str(e))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        _report(CRASH_EXIT_CODE, "crash", f"{type(e).__name__}: {e}")
+        raise
+    if _rank() == 0:
         print(json.dumps({"global_step": out.global_step, "training_loss": out.training_loss, **out.metrics}))
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
-    exit_cleanly()
 
 
 def exit_cleanly(code: int = 0) -> None:
@@ -61,5 +264,233 @@ def exit_cleanly(code: int = 0) -> None:
         os._exit(code)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The launcher: N processes through torchrun's agent, the trainer's exit code and one line out
+
+
+def _worst(records: list[dict]) -> dict | None:
+    """The outcome to report among the ranks' records: an error or a divergence over a preemption (a rank
+    that failed makes torchrun stop the others, which then save and report 75), the lowest rank first."""
+    from distsft.distributed import REQUEUE_EXIT_CODE
+
+    if not records:
+        return None
+    return min(records, key=lambda r: (r["exit_code"] == REQUEUE_EXIT_CODE, r["exit_code"] == 0, r["rank"]))
+
+
+def _launch(cfg: Config, args: argparse.Namespace, worker_argv: list[str]) -> int:
+    """Start the ranks of this node with torchrun's elastic agent (in this process, as `torchrun` does) and
+    return the trainer's exit code: each rank leaves its outcome in a status directory, because the agent
+    reports any failure as one exception and a signal to it as another."""
+    import logging
+    import shutil
+    import tempfile
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from distsft.distributed import REQUEUE_EXIT_CODE
+
+    status_dir = Path(tempfile.mkdtemp(prefix="distsft-status-"))
+    os.environ["DISTSFT_STATUS_DIR"] = str(status_dir)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner
+    argv = ["--nproc_per_node", str(args.nproc_per_node or 1), "--nnodes", str(args.nnodes),
+            "--node_rank", str(args.node_rank)]
+    for name in ("master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", str(getattr(args, name))]
+    if args.nnodes in ("1", "1:1") and args.rdzv_endpoint is None and args.master_addr is None:
+        argv.append("--standalone")
+    argv += [str(TRAIN_SCRIPT), *worker_argv]
+    # The agent narrates (rendezvous, "Received 15 death signal", "failed (exitcode: 2)") through loggers that
+    # each set their own level: quiet every one of them; the outcome is reported below, once.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    code, signalled = 0, None
+    try:
+        torchrun.run(torchrun.get_args_parser().parse_args(argv))
+    except ChildFailedError as e:
+        codes = sorted((f.local_rank, f.exitcode) for f in e.failures.values())
+        code = next((c for _, c in codes if c != 0), CRASH_EXIT_CODE)
+        code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    except SignalException as e:
+        signalled = int(e.sigval)
+        code = 128 + signalled
+    records = [json.loads(p.read_text()) for p in sorted(status_dir.glob("rank-*.json"))]
+    shutil.rmtree(status_dir, ignore_errors=True)
+    worst = _worst(records)
+    if worst is not None and (code != 0 or worst["exit_code"] != 0):
+        code = worst["exit_code"]
+        if worst["message"] and code != REQUEUE_EXIT_CODE:
+            error(f"rank {worst['rank']}: {worst['message']}" if worst["reason"] == "crash" else worst["message"])
+    elif code != 0:
+        why = f"signal {signalled}" if signalled else f"exit code {code}"
+        error(f"a rank ended with {why} before reporting why (its output is above)")
+    return code
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`distsft train`: validate everything that can be validated (config, paths, tokenizer, trackers,
+    output directory) in this process, then train here (one process, or a rank an outer launcher started)
+    or start this node's ranks."""
+    cfg, args = _parse(argv, "distsft train", launcher=True)
+    world = args.nproc_per_node or 1
+    multi = (world > 1 or args.nnodes not in ("1", "1:1")) and "RANK" not in os.environ
+    if not multi:
+        run(cfg)
+        exit_cleanly()
+        return 0
+    from distsft.preflight import preflight
+
+    try:
+        preflight(cfg)  # once, before any rank starts; the ranks repeat it (it writes nothing)
+    except ValueError as e:
+        error(str(e))
+        return USAGE_EXIT_CODE
+    worker_argv = ([f"--config={args.config}"] if args.config else []) + list(args.overrides)
+    worker_argv.append(f"train.output_dir={cfg.train.output_dir}")  # as resolved here, for every rank
+    return _launch(cfg, args, worker_argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The other subcommands
+
+
+def _adapter_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("adapter", help="an adapter directory (<output_dir>/adapter, or a checkpoint's adapter/)")
+    p.add_argument("--base", help="the base model (default: the one the adapter names)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    return p
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    p = _adapter_parser("distsft merge", "adapter + base -> a plain Hugging Face model with the update merged in "
+                                         "(any run's adapter, ZeRO-3 included; a QLoRA adapter is merged into "
+                                         "its dequantized base)")
+    p.add_argument("out", help="output directory (must not exist or be empty)")
+    args = p.parse_args(argv)
+    from distsft.export import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype, device=_device(args.device))
+    print(out)
+    return 0
+
+
+def generate_main(argv: list[str] | None = None, *, chat: bool = False) -> int:
+    name = "chat" if chat else "generate"
+    p = _adapter_parser(f"distsft {name}", "talk to base + adapter, to check a run by eye" if chat else
+                        "a few prompts through base + adapter (greedy unless --temperature), to check a run by eye")
+    if not chat:
+        p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
+    args = p.parse_args(argv)
+    from distsft.inference import Generator
+
+    gen = Generator(args.adapter, base=args.base, dtype=args.dtype, device=_device(args.device),
+                    use_adapter=not args.no_adapter)
+    kw = dict(system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    if not chat:
+        for prompt in args.prompt:
+            print(f">>> {prompt}\n{gen.reply([{'role': 'user', 'content': prompt}], **kw)}\n", flush=True)
+        return 0
+    history: list[dict[str, str]] = []
+    print("empty line or Ctrl-D ends; /reset starts over", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        answer = gen.reply(history, **kw)
+        history.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+    return 0
+
+
+def env_main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="distsft env", description="versions and devices, for a bug report").parse_args(argv)
+    from distsft.inference import environment_report
+
+    print(environment_report())
+    return 0
+
+
+def _data_main(argv: list[str]) -> int:
+    from distsft.data.__main__ import main as data_main
+
+    return data_main(argv)
+
+
+def _plot_main(argv: list[str]) -> int:
+    from distsft.plots import main as plot_main
+
+    return plot_main(argv)
+
+
+COMMANDS = {
+    "train": ("train a LoRA adapter (the loop of distsft/train.py); --help lists every config key", train_main),
+    "data": ("what a dataset becomes: rows, rejections, tokens, packing; pre-builds the cache", _data_main),
+    "plot": ("redraw a run's training_curves.png from its metrics.jsonl", _plot_main),
+    "merge": ("adapter + base -> a plain Hugging Face model", merge_main),
+    "generate": ("a few prompts through base + adapter", generate_main),
+    "chat": ("talk to base + adapter", lambda argv: generate_main(argv, chat=True)),
+    "env": ("versions and devices, for a bug report", env_main),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        text = "\n".join(["usage: distsft <command> [options]   (distsft <command> --help for its options)", "",
+                          *(f"  {name:<{width}}  {what}" for name, (what, _) in COMMANDS.items())])
+        if argv and argv[0] not in ("-h", "--help"):
+            print(text, file=sys.stderr)
+            error(f"unknown command {argv[0]!r}")
+            return USAGE_EXIT_CODE
+        print(text)
+        return 0 if argv else USAGE_EXIT_CODE
+    name, rest = argv[0], argv[1:]
+    if name in ("merge", "generate", "chat"):
+        from distsft.logs import quiet_libraries
+
+        quiet_libraries()
+    try:
+        return COMMANDS[name][1](rest)
+    except (ValueError, OSError) as e:  # a bad path or adapter in merge/generate/data: one line
+        if name == "train" or os.environ.get("DISTSFT_TRACEBACK"):
+            raise
+        error(str(e))
+        return USAGE_EXIT_CODE
+
+
+def console_main() -> None:
+    """The `distsft` console script."""
+    sys.exit(main())
+
+
+def train_console_main() -> None:
+    """The `distsft-train` console script (the same as `distsft train`)."""
+    sys.exit(train_main())
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -52,6 +52,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer hub id or directory; defaults to `name_or_path`, else the `init_from_config` directory."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of `name_or_path`."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights and compute dtype: `auto` is bfloat16 on a GPU that supports it, else float32."""
     attn_implementation: str = "auto"
@@ -111,12 +112,16 @@ class LoraConfig:
     alpha: float = 32.0
     """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
     dropout: float = 0.0
+    """Dropout on the LoRA input. Above 0 the fused LoRA kernel cannot run: peft's slower forward is used."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or `all-linear` (every linear layer but the LM head)."""
     use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."""
     modules_to_save: list[str] = field(default_factory=list)
-    """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`)."""
+    """Modules trained in full and saved with the adapter (e.g. `embed_tokens`, `lm_head`). On a model with
+    tied embeddings either name trains the one shared matrix (the tie is kept)."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, all, or those of the adapted layers."""
 
     def __post_init__(self):
         _require(self.r > 0, "r", f"must be > 0, got {self.r}")
@@ -171,6 +176,7 @@ class DataConfig:
     """A separate eval file (read with the first source's `format` and `field_map`); else `eval_fraction`
     of each source's valid rows is held out."""
     eval_fraction: float = 0.0
+    """Hold out this share of each source's valid rows for evaluation (seeded)."""
     chat_template: str = "auto"
     """`auto` (the tokenizer's own, else chatml), `tokenizer`, `llama-3`, `chatml`, `mistral` or `alpaca`;
     the real templates `qwen2.5`, `qwen3`, `llama-3.1`, `gemma-3`, `mistral-v0.3` (shipped with distsft);
@@ -178,6 +184,7 @@ class DataConfig:
     train_on_inputs: bool = False
     """Put prompt tokens in the loss too (default: assistant turns only)."""
     max_seq_len: int = 512
+    """Tokens per packed slot (and the longest row kept, see `length_policy`)."""
     length_policy: Literal["drop", "truncate_prompt", "raise"] = "drop"
     """Rows longer than `max_seq_len`: drop them, cut the prompt, or stop with an error. `truncate_prompt`
     cuts a raw prompt from the left; in a conversation it drops whole earlier exchanges (keeping the system
@@ -224,15 +231,23 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    output_dir: str = "outputs/demo"
-    """Checkpoints, the final adapter, logs and the resolved config go here."""
+    output_dir: str | None = None
+    """Checkpoints, the final adapter, logs and the resolved config go here. Default: `outputs/demo` for the
+    embedded demo, else `outputs/<model name>`; when that holds an earlier run, the next free `<dir>-2`,
+    `<dir>-3`, ... (an output directory that is set explicitly and holds a run is refused instead)."""
+    overwrite_output_dir: bool = False
+    """Replace the run that `output_dir` already holds (its checkpoints, adapter, logs). Without it a run
+    there is never overwritten: continue it with `checkpoint.resume_from_checkpoint=auto`."""
     per_device_train_batch_size: int = 4
+    """Samples (packed slots of `data.max_seq_len` tokens) per micro-batch and process."""
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step. The global batch, per_device_train_batch_size x this x processes,
+    fixes which samples form each step: keep it when resuming on another number of processes."""
     learning_rate: float = 1e-3
-    """Peak learning rate. The default suits the embedded demo (a randomly initialised tiny model); for LoRA
-    on a pretrained model 1e-4 to 2e-4 is typical."""
+    """Peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the trainable parameters."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -241,16 +256,20 @@ class TrainConfig:
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit"] = "adamw_torch"
     """`adamw_torch` uses the fused CUDA implementation on a GPU; `adamw_8bit` is bitsandbytes (GPU)."""
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after the warmup (to 0 at the last step, except the constant ones)."""
     warmup_ratio: float = 0.0
+    """Share of the optimizer steps that ramp the learning rate up linearly from 0."""
     warmup_steps: int = 0
     """Overrides `warmup_ratio` when > 0."""
     max_steps: int = -1
     """Optimizer steps to run; -1 runs `num_train_epochs` epochs."""
     num_train_epochs: float = 5.0
-    """Epochs when `max_steps` is -1 (the default suits the demo's 400 rows)."""
+    """Epochs when `max_steps` is -1."""
     eval_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end, when there is an eval set)."""
     seed: int = 42
+    """Seeds the random init, dropout (reseeded from seed, step and rank at every step), the data order and
+    the eval split."""
 
     def __post_init__(self):
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -268,7 +287,7 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class CheckpointConfig:
     save_steps: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only the final adapter)."""
+    """Save a resumable checkpoint every N optimizer steps, and at the last one (0: only the final adapter)."""
     save_total_limit: int = 2
     """Keep the newest N committed checkpoints."""
     resume_from_checkpoint: str | None = None
@@ -290,11 +309,14 @@ class LoggingConfig:
     run_name: str | None = None
     """W&B run name (display name); default: W&B picks one."""
     wandb_project: str = "distsft"
+    """W&B project."""
     wandb_entity: str | None = None
     """W&B entity (user or team); default: the API key's default entity."""
     wandb_group: str | None = None
+    """W&B group (e.g. one per sweep)."""
     wandb_tags: list[str] = field(default_factory=list)
     wandb_notes: str | None = None
+    """W&B run notes (a description)."""
     wandb_job_type: str = "train"
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
     """W&B mode; default: the `WANDB_MODE` environment variable, else `online`. `offline` writes the run
@@ -323,8 +345,11 @@ class KernelsConfig:
     """`auto`: Triton kernels where Triton can run (a CUDA device, or TRITON_INTERPRET=1), the PyTorch
     references elsewhere; `triton` insists; `torch` always uses the references."""
     rms_norm: bool = True
+    """Triton RMSNorm (Gemma's `1 + w` form too)."""
     rope: bool = True
+    """Triton rotary embedding for q and k in one in-place launch, with per-token (packed) positions."""
     swiglu: bool = True
+    """Triton SwiGLU / GeGLU."""
     cross_entropy: bool = True
     """Triton cross-entropy on materialised logits (used when the fused linear cross-entropy is off)."""
     fused_linear_cross_entropy: bool = True
@@ -348,6 +373,8 @@ class DistributedConfig:
     timeout_minutes: float = 10.0
     """Process-group timeout: a collective that waits longer fails the job instead of hanging it."""
     nonfinite_loss: Literal["skip", "abort"] = "skip"
+    """A non-finite loss or gradient norm (decided on global values): skip the optimizer step (counted),
+    or stop with exit code 65."""
     max_consecutive_nonfinite: int = 5
     """Abort after this many non-finite steps in a row even when skipping."""
     deepspeed_config: str | None = None
@@ -445,6 +472,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if tp is DataSourceConfig and hasattr(value, "column_names"):
+            value = {"path": value}  # `sources: [dataset]` means `sources: [{path: dataset}]`
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=key)
@@ -509,6 +538,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for k, v in data.items():
+        if cls is DataSourceConfig and k == "path" and hasattr(v, "column_names"):
+            kwargs[k] = v  # a `datasets.Dataset` from Python: __post_init__ registers it
+            continue
         if k not in names:
             near = [_ALIASES[k]] if _ALIASES.get(k) in names else difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {_join(prefix, near[0])}?)" if near else f" (known: {', '.join(names)})"
@@ -556,6 +588,33 @@ def parse_override(arg: str) -> tuple[str, Any]:
     return key, value
 
 
+# The dataclass defaults above are the embedded demo's (a 4-layer random-init model on 400 rows). A run
+# file, command line or dict that names a pretrained model (`model.name_or_path`) gets these instead for
+# every key it does not set: values for LoRA on a real model.
+PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"max_seq_len": 2048},
+    "train": {"learning_rate": 2e-4, "num_train_epochs": 3.0, "warmup_ratio": 0.03},
+    "checkpoint": {"save_steps": 500},
+}
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """A validated `Config` from a mapping of sections (YAML, dotted overrides, or a dict from Python),
+    with `PRETRAINED_DEFAULTS` filled in where the mapping names `model.name_or_path`."""
+    model = tree.get("model")
+    named = isinstance(model, dict) and model.get("name_or_path") is not None or (
+        isinstance(model, ModelConfig) and model.name_or_path is not None)
+    if named:
+        tree = dict(tree)
+        for section, values in PRETRAINED_DEFAULTS.items():
+            given = tree.get(section)
+            if given is None:
+                tree[section] = dict(values)
+            elif isinstance(given, dict):
+                tree[section] = {**values, **given}
+    return from_dict(Config, tree)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """YAML run file (optional) + dotted overrides -> a validated `Config`."""
     tree: dict[str, Any] = {}
@@ -573,4 +632,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     for arg in overrides:
         key, value = parse_override(arg)
         _set_dotted(tree, key, value)
-    return from_dict(Config, tree)
+    return build_config(tree)

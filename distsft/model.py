@@ -386,10 +386,27 @@ def _init_units(model: nn.Module):
     yield from walk(model, "", model)
 
 
+def ties_trained_embedding(model, modules_to_save: list[str]) -> bool:
+    """Whether `modules_to_save` names the input embedding or the LM head of a model whose two share one
+    weight (`tie_word_embeddings`: Gemma, Qwen2.5-0.5B, Llama-3.2-1B, SmolLM2). peft would then train a
+    copy of only the named one and break the tie: the trained head and the frozen embedding (or the other
+    way round) would differ, and a merged model saved with `tie_word_embeddings=true` would lose one of
+    them on reload. Training the one shared matrix keeps the model as it was pretrained."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if not modules_to_save or inp is None or out is None or inp.weight is not out.weight:
+        return False
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is inp or m is out}
+    return any(m.rsplit(".", 1)[-1] in names for m in modules_to_save)
+
+
 def add_lora(model, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    tie = ties_trained_embedding(model, cfg.modules_to_save)
+    if tie:
+        logger.info("lora.modules_to_save %s: the input embedding and the LM head share one weight; it is "
+                    "trained as one matrix (the tie is kept)", cfg.modules_to_save)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -399,6 +416,7 @@ def add_lora(model, cfg: LoraConfig):
         modules_to_save=cfg.modules_to_save or None,
         bias=cfg.bias,
         task_type="CAUSAL_LM",
+        ensure_weight_tying=tie,
     )
     # peft keeps adapter weights in fp32 when the base is bf16/fp16 (autocast_adapter_dtype=True):
     # they are the optimizer's master weights, so no separate fp32 copy is needed.

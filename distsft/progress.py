@@ -176,6 +176,10 @@ class ThroughputMeter:
         self._window_t0, self._window_step, self._last_step = now, step, step
         return out
 
+    def elapsed(self) -> float:
+        """Seconds since the meter started (this process's session of the run)."""
+        return self._clock() - self._t0
+
     def totals(self, step: int | None = None, *, reduce: Callable[[Any], Any] | None = None) -> dict[str, Any]:
         """Totals since the meter started (a collective when `reduce` is given): steps, samples, tokens,
         seconds, mean throughput and MFU, peak memory (GiB, None on CPU)."""
@@ -198,6 +202,7 @@ class ThroughputMeter:
             "label_tokens_per_s": t["label_tokens"] / secs,
             "mfu": mfu(t["flops"] / secs / ws, self.peak_flops) if t["flops"] > 0 else None,
             "peak_memory_gib": self._peak_mem_gib if mem else None,
+            "device": getattr(self.device, "type", None) or (str(self.device).split(":")[0] if self.device else None),
         }
         return out
 
@@ -249,7 +254,7 @@ class ProgressBar:
         if not self.is_main:
             return
         post = {short: _fmt(metrics[k]) for k, short in self._POSTFIX if metrics.get(k) is not None}
-        if "progress/eta_s" in metrics:
+        if "progress/eta_s" in metrics and self._bar is None:  # the bar shows its own remaining time: one ETA
             post["eta"] = format_duration(metrics["progress/eta_s"])
         if self._bar is not None:
             self.update(step)
@@ -275,44 +280,63 @@ class ProgressBar:
 def print_summary(
     totals: Mapping[str, Any],
     *,
-    final_loss: float | None = None,
-    best_loss: float | None = None,
+    train_loss: float | None = None,
+    train_loss_steps: int | None = None,
     final_eval_loss: float | None = None,
     best_eval_loss: float | None = None,
+    run_label_tokens: int | None = None,
+    run_train_seconds: float | None = None,
     adapter_dir: str | None = None,
     extra: Mapping[str, Any] | None = None,
     enabled: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The end-of-run summary (`ThroughputMeter.totals()` plus losses and where the adapter is): printed
-    as a table when `enabled` (the main process), and returned as the dict it prints (for
-    `Tracker.summary`). Entries that are None are left out."""
+    """The end-of-run summary: printed as a table when `enabled` (the main process), and returned as the
+    dict it prints (for `Tracker.summary`); entries that are None are left out.
+
+    `totals` is `ThroughputMeter.totals()`: this process's session (a resumed run's last segment). The loss
+    is one number and says which: `train_loss`, the mean over the last `train_loss_steps` optimizer steps
+    (one logging window). `run_label_tokens`, `run_train_seconds`: over the whole run (counted on in the
+    checkpoints), so that a resumed run's summary covers all of it; its steps come from `totals` (`final_step`)."""
     d: dict[str, Any] = dict(totals)
-    d.update(final_loss=final_loss, best_loss=best_loss, final_eval_loss=final_eval_loss,
+    start = d.get("final_step", 0) - d.get("steps", 0)
+    d.update(final_train_loss=train_loss, final_train_loss_steps=train_loss_steps, final_eval_loss=final_eval_loss,
              best_eval_loss=best_eval_loss, adapter_dir=adapter_dir)
+    if start > 0:  # resumed: the run's totals beside this session's
+        d.update(resumed_at_step=start, run_label_tokens=run_label_tokens, run_train_seconds=run_train_seconds)
     d.update(extra or {})
     d = {k: v for k, v in d.items() if v is not None}
     if enabled:
+        gpu = d.get("device", "cuda") == "cuda"
+        unit = "GPU" if gpu else "process"
         labels = {
-            "steps": "optimizer steps", "final_step": "final step", "world_size": "GPUs (world size)",
-            "samples": "samples", "input_tokens": "input tokens", "label_tokens": "label tokens",
-            "train_seconds": "train time", "input_tokens_per_s": "input tokens/s",
-            "input_tokens_per_s_per_gpu": "input tokens/s/GPU", "label_tokens_per_s": "label tokens/s",
-            "mfu": "MFU", "peak_memory_gib": "peak memory (GiB)", "final_loss": "final loss",
-            "best_loss": "best loss", "final_eval_loss": "final eval loss", "best_eval_loss": "best eval loss",
-            "adapter_dir": "adapter",
+            "steps": "optimizer steps", "final_step": "final step", "world_size": "GPUs" if gpu else "processes (CPU)",
+            "samples": "documents", "input_tokens": "input tokens", "label_tokens": "label tokens",
+            "train_seconds": "train time" + (", this session" if start > 0 else ""),
+            "input_tokens_per_s": "input tokens/s",
+            "input_tokens_per_s_per_gpu": f"input tokens/s per {unit}", "label_tokens_per_s": "label tokens/s",
+            "mfu": "MFU", "peak_memory_gib": "peak memory (GiB)",
+            "final_train_loss": f"train loss, mean of the last {d.get('final_train_loss_steps', '?')} steps",
+            "final_eval_loss": "eval loss (last)", "best_eval_loss": "eval loss (best)", "adapter_dir": "adapter",
+            "run_label_tokens": "label tokens, whole run", "run_train_seconds": "train time, whole run",
         }
+        hidden = {"final_train_loss_steps", "device", "resumed_at_step"} | ({"final_step"} if start == 0 else set())
         rows = []
         for k, v in d.items():
-            if k == "train_seconds":
+            if k in hidden:
+                continue
+            if k in ("train_seconds", "run_train_seconds"):
                 text = format_duration(v)
             elif k == "mfu":
                 text = f"{100 * v:.1f}%"
+            elif k == "steps" and start > 0:
+                text = f"{v:,} this session (resumed at step {start:,} of {d.get('final_step', 0):,})"
             elif isinstance(v, int) and not isinstance(v, bool):
                 text = f"{v:,}"
             else:
                 text = _fmt(v)
             rows.append((labels.get(k, k), text))
         width = max(len(label) for label, _ in rows)
-        print_fn("\n".join(["run summary", *(f"  {label:<{width}}  {text}" for label, text in rows)]))
+        title = "run summary" + (" (this session's counts and rates; the run's loss)" if start > 0 else "")
+        print_fn("\n".join([title, *(f"  {label:<{width}}  {text}" for label, text in rows)]))
     return d

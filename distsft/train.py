@@ -47,7 +47,7 @@ from distsft.checkpoint import (
     step_dir_name,
     trainable_named_parameters,
 )
-from distsft.config import Config, from_dict, load_config
+from distsft.config import Config, build_config, load_config
 from distsft.data import (
     VARLEN_IMPLEMENTATIONS,
     GlobalBatchSampler,
@@ -74,7 +74,9 @@ from distsft.distributed import (
     zero12_as_ddp,
     zero_stage,
 )
+from distsft.export import export_adapter, save_adapter, trainable_state_dict
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
+from distsft.logs import setup_logging
 from distsft.loss import backward_scale, count_targets
 from distsft.model import (
     build_model,
@@ -88,9 +90,10 @@ from distsft.offload import device_checkpoint, offloaded_checkpoint
 from distsft.optim import build_optimizer, build_scheduler
 from distsft.patching import record_kernels
 from distsft.plots import plot_run
+from distsft.preflight import preflight, prepare_output_dir
 from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary
 from distsft.recompute import RecomputePlan, apply_recomputation, decoder_layers, plan_recomputation
-from distsft.tracking import Tracker, check_trackers, new_run_id
+from distsft.tracking import Tracker, new_run_id
 
 logger = logging.getLogger("distsft")
 
@@ -198,7 +201,7 @@ def evaluate(model, dataset, cfg: Config, accelerator, pad_id: int, dtype: torch
 
 
 def main(cfg: Config) -> TrainOutput:
-    check_trackers(cfg.logging)  # a missing W&B login fails here, before any GPU work
+    preflight(cfg)  # paths, tokenizer, trackers, output directory: one line naming the key, before any work
     # ZeRO-1/2 with a small trainable state run as DDP (distributed.zero12): decided before the process
     # group exists, from the trainable count of a meta-device skeleton.
     ds_request = requested_deepspeed(cfg.distributed)
@@ -208,18 +211,14 @@ def main(cfg: Config) -> TrainOutput:
                            int(os.environ.get("WORLD_SIZE", "1")))
     accelerator = build_accelerator(cfg, as_ddp=as_ddp is not None)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(is_main=is_main, rank=rank)
     if as_ddp is not None:
         logger.info("distributed: running the ZeRO-%d config as DDP (distributed.zero12=%s): %s; "
                     "distributed.zero12=deepspeed keeps DeepSpeed", stage, cfg.distributed.zero12, as_ddp)
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.yaml")
+        prepare_output_dir(cfg)  # nothing is written into the output directory before this point
     config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     torch.manual_seed(cfg.train.seed)
 
@@ -227,28 +226,31 @@ def main(cfg: Config) -> TrainOutput:
     device = accelerator.device
     cfg.model.attn_implementation = attention.resolve(cfg.model.attn_implementation, device)
     tokenizer = load_tokenizer(cfg.model)
-    model, kernel_report = build_model(cfg.model, cfg.lora, cfg.kernels, device, seed=cfg.train.seed)
-    compute_dtype = next(model.causal_lm.parameters()).dtype
-    trainable, total = trainable_parameter_count(model)
-    logger.info("model: %s trainable of %s parameters (%.3f%%); kernels: %s",
-                f"{trainable:,}", f"{total:,}", 100 * trainable / total, kernel_report)
 
     # Data: tokenised once (main process first), packed, and ordered independently of the world size.
+    # Before the model: a bad row or a dataset too small for one step must not wait for an 8B model to load.
     data = build_datasets(
         cfg.data, tokenizer, seed=cfg.train.seed, output_dir=str(out_dir),
         main_process_first=accelerator.main_process_first, is_main_process=is_main,
     )
-    check_token_ids(data, model.causal_lm.get_input_embeddings().num_embeddings, tokenizer)
     micro, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
     global_batch = micro * accum * world
     steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(
-            f"the training set has {len(data.train)} packed sequences, fewer than one global batch of {global_batch} "
-            f"(per_device_train_batch_size {micro} x gradient_accumulation_steps {accum} x {world} processes)"
+            f"train.per_device_train_batch_size: the training set packs into {len(data.train)} sequences, "
+            f"fewer than one global batch of {global_batch} (train.per_device_train_batch_size {micro} x "
+            f"train.gradient_accumulation_steps {accum} x {world} processes); lower them or add data"
         )
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
         cfg.train.num_train_epochs * steps_per_epoch)
+
+    model, kernel_report = build_model(cfg.model, cfg.lora, cfg.kernels, device, seed=cfg.train.seed)
+    check_token_ids(data, model.causal_lm.get_input_embeddings().num_embeddings, tokenizer)
+    compute_dtype = next(model.causal_lm.parameters()).dtype
+    trainable, total = trainable_parameter_count(model)
+    logger.info("model: %s trainable of %s parameters (%.3f%%); kernels: %s",
+                f"{trainable:,}", f"{total:,}", 100 * trainable / total, kernel_report)
 
     optimizer = build_optimizer(model, cfg.train, device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
@@ -304,22 +306,21 @@ def main(cfg: Config) -> TrainOutput:
 
     def adapter_state_dict() -> dict | None:
         """The adapter's tensors, whole, on the main process (a collective under ZeRO-3)."""
-        from peft import get_peft_model_state_dict
-
         with gathered_parameters([p for _, p in trainable_named_parameters(unwrapped)]):
             if not is_main:
                 return None
-            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped.peft_model).items()}
+            return trainable_state_dict(unwrapped.peft_model)  # unfiltered: save_adapter filters once
 
     def save(at_step: int):
         adapter = adapter_state_dict()
 
         def extras(staging: Path):
-            unwrapped.peft_model.save_pretrained(staging / "adapter", state_dict=adapter)
+            save_adapter(unwrapped.peft_model, adapter, staging / "adapter")
             cfg.save(staging / "config.yaml")
 
         trainer_state = {**state, "global_batch_size": global_batch, "seed": cfg.train.seed,
-                         "rng_policy": "reseed(sha256(seed:step:rank)) at every optimizer step"}
+                         "rng_policy": "reseed(sha256(seed:step:rank)) at every optimizer step",
+                         "train_seconds": state.get("train_seconds", 0.0) + meter.elapsed()}  # the whole run's
         result = save_checkpoint(
             ckpt_root, at_step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
             trainer_state=trainer_state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
@@ -487,11 +488,14 @@ def main(cfg: Config) -> TrainOutput:
             eval_losses.append(eval_loss)
             tracker.log({"eval/loss": eval_loss}, step)
 
-    # Export: the adapter in PEFT format plus the tokenizer; optionally the merged model.
+    # Export: the adapter in PEFT format plus the tokenizer and a model card; optionally the merged model.
+    window = step_losses[-cfg.logging.logging_steps:]  # the loss the summary reports: the last logging window
+    last_window_loss = sum(window) / len(window) if window else None
     adapter, adapter_dir = adapter_state_dict(), out_dir / "adapter"
     if is_main:
-        unwrapped.peft_model.save_pretrained(adapter_dir, state_dict=adapter)
-        tokenizer.save_pretrained(adapter_dir)
+        export_adapter(unwrapped.peft_model, adapter, adapter_dir, cfg=cfg, tokenizer=tokenizer, device=device,
+                       steps=step, train_loss=last_window_loss, eval_loss=eval_losses[-1] if eval_losses else None,
+                       world_size=world)
         if cfg.checkpoint.save_merged:
             merged = merged_model(unwrapped.peft_model)
             merged.save_pretrained(out_dir / "merged")
@@ -500,9 +504,9 @@ def main(cfg: Config) -> TrainOutput:
     accelerator.wait_for_everyone()
 
     summary = print_summary(
-        meter.totals(step, reduce=reduce_sum),
-        final_loss=step_losses[-1] if step_losses else None, best_loss=min(step_losses, default=None),
+        meter.totals(step, reduce=reduce_sum), train_loss=last_window_loss, train_loss_steps=len(window),
         final_eval_loss=eval_losses[-1] if eval_losses else None, best_eval_loss=min(eval_losses, default=None),
+        run_label_tokens=state["tokens_consumed"], run_train_seconds=state.get("train_seconds", 0.0) + meter.elapsed(),
         adapter_dir=str(adapter_dir), enabled=is_main,
     )
     tracker.summary(summary)
@@ -525,7 +529,7 @@ def train(config: Config | dict | str | os.PathLike, resume_from_checkpoint: str
     if isinstance(config, (str, os.PathLike)):
         cfg = load_config(config)
     elif isinstance(config, dict):
-        cfg = from_dict(Config, config)
+        cfg = build_config(config)
     else:
         cfg = config
     if resume_from_checkpoint is not None:

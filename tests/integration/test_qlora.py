@@ -135,16 +135,17 @@ def test_gradients_flow_through_4bit_layers_after_an_eval_forward(run):
 def _torchrun(tmp, name, cfg):
     """Train `cfg` on 2 CPU ranks (gloo; DeepSpeed on its CPU accelerator)."""
     import os
-    import subprocess
     import sys
+    from pathlib import Path
 
-    from _support import REPO
+    from _support import REPO, run_with_progress
 
     cfg.save(tmp / f"{name}.yaml")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "distsft" / "train.py"), "--config", str(tmp / f"{name}.yaml")],
-                          cwd=tmp, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    # no fixed total: a launch fails when it stops printing and writing for 5 minutes (a hang)
+    proc = run_with_progress([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(REPO / "distsft" / "train.py"), "--config", str(tmp / f"{name}.yaml")],
+                             cwd=tmp, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+                             watch=Path(cfg.train.output_dir), idle_s=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -220,7 +221,8 @@ def test_qlora_under_zero3_on_two_ranks(run):
 
 
 def _census(out) -> dict:
-    return next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "kernels")
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return next(r for r in records if r.get("event") == "kernels")
 
 
 def test_fused_qlora_under_zero3_matches_one_process(run):

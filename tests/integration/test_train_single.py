@@ -84,6 +84,18 @@ def test_resume_equals_uninterrupted_run_bitwise(runs):
     assert any(e.get("event") == "resumed" for e in events)
 
 
+def test_resumed_summary_covers_the_whole_run(runs):
+    """Regression: a resumed run's summary covered only its last segment. It says where it resumed and gives
+    the whole run's label tokens (equal to the uninterrupted run's) and train time beside the session's."""
+    full = json.loads((runs["full"] / "summary.json").read_text())
+    resumed = json.loads((runs["resumed"] / "summary.json").read_text())
+    assert "resumed_at_step" not in full and full["steps"] == full["final_step"] == 6
+    assert resumed["resumed_at_step"] == 3 and resumed["steps"] == 3 and resumed["final_step"] == 6
+    assert resumed["run_label_tokens"] == full["label_tokens"]
+    assert resumed["run_train_seconds"] > resumed["train_seconds"]
+    assert resumed["final_train_loss"] == full["final_train_loss"]  # the last window's mean, bitwise
+
+
 def test_adapter_reloads_with_peft_and_gives_identical_logits(runs):
     """The exported adapter, loaded with PeftModel.from_pretrained, is the trained model: its logits equal
     those of a model restored from the final (step 6) training checkpoint."""

@@ -100,3 +100,34 @@ def test_cli_bad_input_exits_nonzero_with_one_line(override, key):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"distsft: error: {key}:"), proc.stderr
+
+
+def test_a_pretrained_model_gets_real_run_defaults():
+    """Regression: setting model.name_or_path kept the demo's learning rate 1e-3, 5 epochs, 512 tokens, no
+    checkpoints and outputs/demo. Keys the run sets win; the demo keeps its own defaults."""
+    from distsft.config import build_config
+
+    real = load_config(overrides=["model.name_or_path=org/model"])
+    assert (real.train.learning_rate, real.train.num_train_epochs, real.train.warmup_ratio) == (2e-4, 3.0, 0.03)
+    assert real.data.max_seq_len == 2048 and real.checkpoint.save_steps == 500
+    assert real.train.output_dir is None  # resolved at start: outputs/model (distsft/preflight.py)
+    mine = load_config(overrides=["model.name_or_path=org/model", "train.learning_rate=1e-5", "data.max_seq_len=512"])
+    assert mine.train.learning_rate == 1e-5 and mine.data.max_seq_len == 512 and mine.train.num_train_epochs == 3.0
+    demo = load_config()
+    assert (demo.train.learning_rate, demo.train.num_train_epochs, demo.data.max_seq_len) == (1e-3, 5.0, 512)
+    assert demo.checkpoint.save_steps == 0
+    from_python = build_config({"model": {"name_or_path": "org/model"}, "train": {"max_steps": 10}})
+    assert from_python.train.learning_rate == 2e-4 and from_python.train.max_steps == 10
+
+
+def test_a_dataset_inside_a_dict_config():
+    """Regression: distsft.train({...}) refused a `datasets.Dataset` in data.sources ("expected a string")."""
+    datasets = pytest.importorskip("datasets")
+    from distsft.config import build_config
+
+    ds = datasets.Dataset.from_list([{"instruction": "a", "output": "b"}])
+    for sources in ([{"path": ds, "weight": 2}], [ds]):
+        cfg = build_config({"data": {"sources": sources}})
+        assert cfg.data.sources[0].path.startswith("memory:")
+    with pytest.raises(ConfigError, match=r"^data\.sources\.0\.path: expected a string"):
+        build_config({"data": {"sources": [{"path": 3.5j}]}})

@@ -73,4 +73,19 @@ def test_run_configs_load(path):
 
     cfg = load_config(path)
     assert f"--config launch/configs/{path.name}" in path.read_text()
-    assert cfg.train.output_dir.startswith("outputs/")
+    assert cfg.train.output_dir is None if path.name == "demo.yaml" else cfg.train.output_dir.startswith("outputs/")
+
+
+def test_a_recipe_per_supported_family():
+    """Llama-3.1-8B, Qwen2.5, Qwen3, Mistral and Gemma-2 each have a recipe naming that model, in bf16, with
+    a real-run learning rate, resumable checkpoints and the attention implementation the family needs."""
+    from distsft.config import load_config
+
+    recipes = {p.name: load_config(p) for p in (REPO / "launch" / "configs").glob("*.yaml") if p.name != "demo.yaml"}
+    models = {cfg.model.name_or_path: name for name, cfg in recipes.items()}
+    for family in ("meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-", "Qwen/Qwen3-", "mistralai/Mistral-", "google/gemma-2-"):
+        assert any(m.startswith(family) for m in models), family
+    for name, cfg in recipes.items():
+        assert cfg.model.dtype == "bfloat16" and 5e-5 <= cfg.train.learning_rate <= 3e-4, name
+        assert cfg.checkpoint.save_steps > 0 and cfg.checkpoint.resume_from_checkpoint == "auto", name
+        assert cfg.model.attn_implementation == ("eager" if "gemma-2" in cfg.model.name_or_path else "auto"), name

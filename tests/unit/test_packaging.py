@@ -44,3 +44,63 @@ def test_import_kernels_does_not_resolve_to_our_folder():
         assert lines["PROBE"].startswith("(False")
     # editable install: our folder; regular install: site-packages/distsft_kernels
     assert Path(lines["DISTSFT_KERNELS"]).resolve().parent.name in ("kernels", "distsft_kernels")
+
+
+def _requirements() -> dict:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {r.name: r for r in map(Requirement, project["dependencies"])}
+
+
+# The private APIs distsft touches, per package with an upper bound in pyproject.toml: a release inside the
+# bounds that drops one fails here, not in the middle of a run.
+PRIVATE_APIS = {
+    "deepspeed": ["deepspeed.utils.tensor_fragment:tensor_fragment.hp_fragment_address",
+                  "deepspeed.utils.tensor_fragment:tensor_fragment.lp_fragment_address",
+                  "deepspeed.utils.tensor_fragment:get_hp_fragment_mapping"],
+    "transformers": ["transformers.integrations.deepspeed:_hf_deepspeed_config_weak_ref",
+                     "transformers.initialization:guard_torch_init_functions"],
+    "bitsandbytes": ["bitsandbytes.functional:_convert_weight_packed_for_cpu_inverse"],
+}
+
+
+def test_dependencies_whose_private_api_we_touch_are_bounded_and_installed_within():
+    """deepspeed (ZeRO-1/2 fragment mappings), transformers (its DeepSpeed weak reference) and bitsandbytes
+    (its CPU repacking) have an upper bound; the installed versions satisfy every bound; the private names
+    exist in them."""
+    import dataclasses
+    import importlib
+    import importlib.metadata
+
+    reqs = _requirements()
+    for name, apis in PRIVATE_APIS.items():
+        spec = reqs[name].specifier
+        assert any(s.operator in ("<", "<=", "~=", "==") for s in spec), f"{name} has no upper bound: {spec}"
+        for api in apis:
+            module, attr = api.split(":")
+            obj = importlib.import_module(module)
+            for part in attr.split("."):
+                fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+                assert hasattr(obj, part) or part in fields, f"{api} is gone in {name} " \
+                    f"{importlib.metadata.version(name)}"
+                obj = getattr(obj, part, None)
+    for name, req in reqs.items():
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        version = importlib.metadata.version(name)
+        assert req.specifier.contains(version, prereleases=True), f"installed {name} {version} outside {req}"
+
+
+def test_base_install_draws_the_curves_and_carries_a_license():
+    """The README promises training_curves.png from every run: matplotlib is a base dependency, not dev."""
+    assert "matplotlib" in _requirements()
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    assert project["scripts"]["distsft"] == "distsft.cli:console_main"

@@ -437,7 +437,8 @@ def test_progress_bar_main_only_with_loss_in_postfix(capsys, caplog):
     bar.log(5, {"train/loss": 1.2345, "train/learning_rate": 2e-4, "progress/eta_s": 125.0})
     bar.close()
     err = capsys.readouterr().err
-    assert "5/10" in err and "loss=1.234" in err and "eta=2:05" in err
+    assert "5/10" in err and "loss=1.234" in err
+    assert "eta=" not in err  # one ETA: the bar's own remaining time (the log lines below carry ours)
 
     other = ProgressBar(10, is_main=False)
     other.update(5)
@@ -449,27 +450,40 @@ def test_progress_bar_main_only_with_loss_in_postfix(capsys, caplog):
 
     with caplog.at_level(logging.INFO, logger="distsft.progress"):
         plain = ProgressBar(10, is_main=True, enabled=False)
-        plain.log(7, {"train/loss": 0.5})
+        plain.log(7, {"train/loss": 0.5, "progress/eta_s": 125.0})
         plain.close()
-    assert "step 7 | loss 0.5" in caplog.text
+    assert "step 7 | loss 0.5 | eta 2:05" in caplog.text
 
 
 def test_print_summary_returns_what_it_prints():
+    """One train loss, named as what it is (the mean of the last logging window); a CPU run is labelled in
+    processes, not GPUs; a resumed run says so and reports the whole run's label tokens."""
     from distsft.progress import print_summary
 
-    totals = {"steps": 3, "input_tokens": 8900, "train_seconds": 7.0, "mfu": 0.2857, "peak_memory_gib": None}
+    totals = {"steps": 3, "final_step": 3, "world_size": 2, "input_tokens": 8900, "input_tokens_per_s_per_gpu": 1.5,
+              "train_seconds": 7.0, "mfu": 0.2857, "peak_memory_gib": None, "device": "cuda"}
     lines = []
-    d = print_summary(totals, final_loss=0.42, best_loss=0.40, adapter_dir="/out/adapter",
+    d = print_summary(totals, train_loss=0.42, train_loss_steps=3, adapter_dir="/out/adapter",
                       print_fn=lines.append)
-    assert d == {"steps": 3, "input_tokens": 8900, "train_seconds": 7.0, "mfu": 0.2857, "final_loss": 0.42,
-                 "best_loss": 0.40, "adapter_dir": "/out/adapter"}
+    assert d == {**{k: v for k, v in totals.items() if v is not None}, "final_train_loss": 0.42,
+                 "final_train_loss_steps": 3, "adapter_dir": "/out/adapter"}
     (text,) = lines
-    for expected in ("optimizer steps", "8,900", "0:07", "28.6%", "0.42", "/out/adapter"):
-        assert expected in text
-    assert "peak memory" not in text
+    for expected in ("optimizer steps", "8,900", "0:07", "28.6%", "train loss, mean of the last 3 steps  0.42",
+                     "/out/adapter", "GPUs", "input tokens/s per GPU"):
+        assert expected in text, expected
+    assert "peak memory" not in text and "best" not in text and "final step" not in text
     silent = []
     assert print_summary(totals, enabled=False, print_fn=silent.append)["steps"] == 3
     assert silent == []
+
+    cpu, lines = {**totals, "device": "cpu", "steps": 2, "final_step": 5}, []
+    d = print_summary(cpu, train_loss=0.4, train_loss_steps=2, run_label_tokens=9000, run_train_seconds=3725.0,
+                      print_fn=lines.append)
+    (text,) = lines
+    assert "GPU" not in text and "processes (CPU)" in text and "input tokens/s per process" in text
+    assert "2 this session (resumed at step 3 of 5)" in text and "label tokens, whole run" in text
+    assert "train time, whole run" in text and "1:02:05" in text and "train time, this session" in text
+    assert d["resumed_at_step"] == 3 and d["run_label_tokens"] == 9000 and d["run_train_seconds"] == 3725.0
 
 
 @pytest.mark.gpu
