@@ -56,6 +56,8 @@ class Runner:
         }
         if mode.startswith("zero"):
             o["distributed.deepspeed_config"] = REPO / "ds_configs" / f"{mode}.json"
+        if mode in ("zero1", "zero2"):  # DeepSpeed's engine (auto runs these LoRA jobs as DDP: tested below)
+            o["distributed.zero12"] = "deepspeed"
         o.update(extra)
         return [f"{k}={v}" for k, v in o.items()]
 
@@ -145,6 +147,49 @@ def test_every_mode_matches_the_single_process(full_runs):
                           else ["rank-00000.safetensors", "rank-00001.safetensors"]), name
 
 
+def census(run: Result) -> dict:
+    """The first step's kernel census (the trainer's `kernels` event, rank 0's, with the other ranks'
+    shortfalls in `ranks_short`)."""
+    return next(r for r in run.records() if r.get("event") == "kernels")
+
+
+FUSED_ONLY = {"kernels.backend": "auto", "kernels.rms_norm": "false", "kernels.rope": "false",
+              "kernels.swiglu": "false", "kernels.fused_linear_cross_entropy": "false",
+              "kernels.cross_entropy": "false"}
+"""The fused LoRA projections alone (plain torch GEMMs: fast on CPU), the other kernels off."""
+
+
+@pytest.fixture(scope="module")
+def kernel_runs(runner):
+    """Every kernel on (Triton under the interpreter: TRITON_INTERPRET=1 comes from tests/conftest.py),
+    in the modes the README says run them: one process, DDP, DeepSpeed ZeRO-2 and ZeRO-3 on 2 ranks."""
+    every = {"kernels.backend": "auto", "checkpoint.save_steps": 0}
+    return {name: runner.run(name, world, mode, **every)
+            for name, world, mode in (("kernels_single", 1, "single"), ("kernels_ddp2", 2, "ddp"),
+                                      ("kernels_zero2_2", 2, "zero2"), ("kernels_zero3_2", 2, "zero3"))}
+
+
+def test_every_kernel_runs_in_every_mode(kernel_runs, full_runs):
+    """Issue 18: what the README says runs, runs, on every rank: the first step's census shows every
+    patched kernel (RMSNorm, RoPE, SwiGLU: Triton; every LoRA layer: the fused projections; the loss:
+    fused linear cross-entropy) ran ours, in one process, under DDP, ZeRO-2 and ZeRO-3. Before, ZeRO-3
+    sent every LoRA layer back to peft's forward (any weight with a `ds_id`) while the report still
+    counted them. The losses are the one-process run's, and the plain-PyTorch run's within ATOL.
+
+    Regression (ZeRO-3, whole layers gathered): DeepSpeed reduces a leaf module's gradients when the
+    gradient of its inputs is complete, or, when no input requires grad (the first layer, fed by the
+    frozen embedding), as soon as its output's gradient arrives: it reduced zeros for layer 0's LoRA
+    gradients and then failed to accumulate the real ones ("size of tensor a (0) must match ...")."""
+    for name, run in kernel_runs.items():
+        c = census(run)
+        assert c["missing"] == {} and not c["fallbacks"] and c.get("ranks_short") is None, (name, c)
+        assert c["ran"]["lora"] == {"fused": 14} and c["ran"]["rms_norm"] == {"triton": 5}, (name, c)
+        assert c["ran"]["loss"] == {"fused_linear_ce (triton)": 1}, (name, c)
+        assert "kernels run in step 1: rms_norm 5/5 (triton 5); rope 2/2 (triton 2)" in run.proc.stderr, name
+        assert_same_curve(kernel_runs["kernels_single"], run, steps=(1, 2, 3, 4))
+        assert_same_curve(full_runs["single"], run, steps=(1, 2, 3, 4))
+
+
 def test_zero3_adapter_merges_like_the_single_process_one(full_runs, tmp_path):
     """`distsft merge` after a ZeRO-3 run: the exported adapter is gathered whole (and names the random-init
     base the run wrote), so merging it offline gives the model the single process trained."""
@@ -165,17 +210,54 @@ def test_zero3_adapter_merges_like_the_single_process_one(full_runs, tmp_path):
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_fused_lora_under_ddp_and_zero2(runner, full_runs):
-    """The fused LoRA projections (kernels.lora; the other kernels off so only it differs) under DDP's and
-    ZeRO-2's gradient hooks: the same curve as peft's forward in one process (ZeRO-3 keeps peft's forward
-    at run time: its parameters are gathered by module hooks)."""
-    fused = {"kernels.backend": "auto", "kernels.rms_norm": "false", "kernels.rope": "false",
-             "kernels.swiglu": "false", "kernels.fused_linear_cross_entropy": "false",
-             "kernels.cross_entropy": "false"}
-    for name, world, mode in (("fused_single", 1, "single"), ("fused_ddp2", 2, "ddp"), ("fused_zero2_2", 2, "zero2")):
-        run = runner.run(name, world, mode, **fused)
-        assert "lora=" in run.proc.stderr, name  # the kernel report names the fused layers
-        assert_same_curve(full_runs["single"], run, steps=(1, 2, 3, 4))
+def test_zero3_per_module_gathering_falls_back_by_name(runner, full_runs):
+    """`distributed.zero3_gather=module` (DeepSpeed's own per-module gathering, hooks on every LoRA layer):
+    the census says every LoRA layer ran peft's forward and why, the log warns naming them, the losses
+    are unchanged."""
+    run = runner.run("zero3_module", 2, "zero3", **FUSED_ONLY, **{"distributed.zero3_gather": "module"})
+    c = census(run)
+    assert c["ran"]["lora"] == {"peft": 14} and c["missing"] == {"lora": 14}, c
+    assert set(c["fallbacks"]) == {f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    assert "14 LoRA layer(s) ran peft's forward" in run.proc.stderr and "zero3_gather=layer" in run.proc.stderr
+    assert_same_curve(full_runs["single"], run, steps=(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("world, mode, extra", [
+    (2, "ddp", {}),
+    (2, "zero1", {}),
+    (2, "zero2", {}),
+    (2, "zero3", {}),
+    (2, "zero3", {"model.gradient_checkpointing": "auto", "model.memory_budget_gib": 0.001}),
+], ids=["ddp", "zero1", "zero2", "zero3", "zero3-auto"])
+def test_lean_mode_in_every_mode(runner, full_runs, world, mode, extra):
+    """Issue 18: recomputation with the checkpointed inputs in host memory (`model.offload_checkpoints`),
+    refused before on more than one process, and `gradient_checkpointing=auto` (here a budget that forces
+    every layer), under DDP and every ZeRO stage, with the fused LoRA projections (whose recompute skips
+    the down projection): the same losses as the plain single process."""
+    name = f"lean_{mode}_{'_'.join(extra) or 'true'}".replace(".", "_")
+    lean = {"model.gradient_checkpointing": "true", "model.offload_checkpoints": "true", "checkpoint.save_steps": 0}
+    run = runner.run(name, world, mode, **FUSED_ONLY, **{**lean, **extra})
+    events = {r["event"]: r for r in run.records() if "event" in r}
+    assert events["recomputation"]["offload"] is True and events["recomputation"]["checkpointed_layers"] == 2
+    assert census(run)["ran"]["lora"] == {"fused": 14}
+    assert_same_curve(full_runs["single"], run, steps=(1, 2, 3, 4))
+
+
+def test_zero12_auto_runs_a_lora_job_as_ddp(runner, full_runs):
+    """`distributed.zero12=auto` (the default) with the shipped ZeRO-2 JSON: partitioning a LoRA adapter's
+    optimizer state would save kilobytes, so the job runs as DDP (logged with the reason; the model
+    event records the stage asked for and the mode run), trains the same curve and writes a DDP
+    checkpoint (rank 0 alone)."""
+    run = runner.run("zero2_auto", 2, "zero2", **{"distributed.zero12": "auto"})
+    model = next(r for r in run.records() if r.get("event") == "model")
+    assert model["requested_zero_stage"] == 2 and model["zero_stage"] == 0, model
+    assert model["distributed"] == "multi_cpu" and "would partition only the trainable state" in model["zero12_as_ddp"]
+    assert "running the ZeRO-2 config as DDP" in run.proc.stderr
+    assert_same_curve(full_runs["single"], run, steps=(1, 2, 3, 4))
+    shards = sorted(p.name for p in (run.out / "checkpoints" / "step-00000004" / "shards").glob("*.safetensors"))
+    assert shards == ["rank-00000.safetensors"]
 
 
 @pytest.mark.parametrize(
