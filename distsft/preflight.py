@@ -223,7 +223,7 @@ def check_tokenizer(model: ModelConfig) -> None:
 
 def check_data_paths(data: DataConfig) -> None:
     """Every local data path exists (hub ids are loaded, and judged, by the data pipeline)."""
-    from distsft.data.sources import ASSETS, SUPPORTED_SUFFIXES
+    from distsft.data.sources import ASSETS, COMPRESSIONS, DATA_SUFFIXES, file_kind, unreadable_reason
 
     def check(key: str, path: str) -> None:
         if path.startswith("memory:"):
@@ -234,12 +234,15 @@ def check_data_paths(data: DataConfig) -> None:
                 raise ValueError(f"{key}: no builtin dataset {path!r} (known: {', '.join(known)})")
             return
         p = Path(path).expanduser()
+        kind = file_kind(p)  # what the data pipeline reads: its suffixes, any case, and compressed forms
         if p.exists():
-            if p.is_file() and p.suffix not in SUPPORTED_SUFFIXES:
+            if p.is_file() and kind is None:
                 raise ValueError(f"{key}: {path}: unsupported file type {p.suffix!r} "
-                                 f"(use {', '.join(SUPPORTED_SUFFIXES)})")
+                                 f"(use {', '.join(DATA_SUFFIXES)}, or those compressed: {', '.join(COMPRESSIONS)})")
+            if p.is_file() and (why := unreadable_reason(kind)):
+                raise ValueError(f"{key}: {path}: {why}")
             return
-        if p.suffix in SUPPORTED_SUFFIXES or _looks_local(path):
+        if kind is not None or _looks_local(path):
             raise ValueError(f"{key}: no such file or folder: {path}")
 
     for i, source in enumerate(data.sources):

@@ -82,7 +82,8 @@ def file_kind(path: Path) -> tuple[str, str | None] | None:
     return (suffix, comp) if suffix else None
 
 
-def _unreadable_reason(kind: tuple[str, str | None]) -> str | None:
+def unreadable_reason(kind: tuple[str, str | None]) -> str | None:
+    """Why a data file of this `file_kind` cannot be read here (None: it can)."""
     suffix, comp = kind
     if comp and suffix not in COMPRESSED:
         return f"compressed {suffix} is not read ({suffix} files compress inside; decompress it)"
@@ -181,7 +182,7 @@ def _open_local(p: Path, split: str) -> RawSource:
                 skipped.append(FileReport(f"{p}/{rel}", "skipped", f"not a data file type ({f.suffix or 'no suffix'})"))
             elif f.name.lower() in METADATA_FILES:
                 skipped.append(FileReport(f"{p}/{rel}", "skipped", "dataset metadata"))
-            elif (why := _unreadable_reason(kind)) is not None:
+            elif (why := unreadable_reason(kind)) is not None:
                 skipped.append(FileReport(f"{p}/{rel}", "skipped", why))
             else:
                 files.append(f)
@@ -197,7 +198,7 @@ def _open_local(p: Path, split: str) -> RawSource:
     if kind is None:
         raise DataError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(DATA_SUFFIXES)}, or their "
                         ".gz/.bz2/.xz/.zst forms)")
-    if (why := _unreadable_reason(kind)) is not None:
+    if (why := unreadable_reason(kind)) is not None:
         raise DataError(f"{p}: {why}")
     return RawSource(str(p), "files", [p], _file_sha256(p))
 

@@ -163,3 +163,18 @@ def test_deepspeed_config_must_exist(tmp_path):
     cfg = cfg_for(tmp_path, tmp_path / "out", f"distributed.deepspeed_config={tmp_path / 'zero9.json'}")
     with pytest.raises(ValueError, match=r"^distributed\.deepspeed_config: no such file"):
         preflight(cfg)
+
+
+def test_data_files_are_judged_as_the_data_pipeline_reads_them(tmp_path, monkeypatch):
+    """Regression: the pre-flight check imported a suffix list the data pipeline no longer has (every run
+    died on an ImportError), and judged files by their last suffix alone, so it would have refused the
+    `.JSONL` and `.json.gz` files the pipeline reads. It now asks the pipeline's own `file_kind`."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("upper.JSONL", "rows.json.gz", "table.parquet.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    for ok in ("upper.JSONL", "rows.json.gz"):
+        check_data_paths(load_config(overrides=[f"data.sources=[{{path: {ok}}}]"]).data)
+    with pytest.raises(ValueError, match=r"^data\.sources\.0\.path: table\.parquet\.gz: compressed \.parquet"):
+        check_data_paths(load_config(overrides=["data.sources=[{path: table.parquet.gz}]"]).data)
+    with pytest.raises(ValueError, match=r"^data\.sources\.0\.path: notes\.txt: unsupported file type '\.txt'"):
+        check_data_paths(load_config(overrides=["data.sources=[{path: notes.txt}]"]).data)
