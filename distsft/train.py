@@ -39,6 +39,8 @@ from accelerate.utils import broadcast_object_list
 from transformers.trainer_utils import TrainOutput
 
 from distsft import attention
+from distsft.attention import VARLEN_IMPLEMENTATIONS, check_packing_isolation, packed_attention_kwargs
+from distsft.census import record_kernels
 from distsft.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
@@ -48,15 +50,7 @@ from distsft.checkpoint import (
     trainable_named_parameters,
 )
 from distsft.config import Config, build_config, load_config
-from distsft.data import (
-    VARLEN_IMPLEMENTATIONS,
-    GlobalBatchSampler,
-    build_datasets,
-    check_packing_isolation,
-    check_token_ids,
-    collate,
-    packed_attention_kwargs,
-)
+from distsft.data import GlobalBatchSampler, build_datasets, check_token_ids, collate
 from distsft.distributed import (
     REQUEUE_EXIT_CODE,
     PreemptionFlag,
@@ -77,18 +71,16 @@ from distsft.distributed import (
 from distsft.export import export_adapter, save_adapter, trainable_state_dict
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.logs import setup_logging
-from distsft.loss import backward_scale, count_targets
+from distsft.loss import backward_scale, count_targets, target_indices
 from distsft.model import (
     build_model,
     load_tokenizer,
     merged_model,
-    target_indices,
     trainable_numel_on_meta,
     trainable_parameter_count,
 )
 from distsft.offload import device_checkpoint, offloaded_checkpoint
 from distsft.optim import build_optimizer, build_scheduler
-from distsft.patching import record_kernels
 from distsft.plots import plot_run
 from distsft.preflight import preflight, prepare_output_dir
 from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary

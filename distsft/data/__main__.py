@@ -24,6 +24,7 @@ from pathlib import Path
 
 from distsft.config import ConfigError, DataConfig, DataSourceConfig, load_config
 from distsft.data import DataError, build_datasets
+from distsft.loss import IGNORE_INDEX
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -66,8 +67,8 @@ def _show(ds, tokenizer, n: int) -> None:
     for i in range(min(n, len(ds))):
         s = ds[i]
         ids, tgt, pos = s["input_ids"].tolist(), s["target_ids"].tolist(), s["position_ids"].tolist()
-        # target_ids[t] is the token at t+1, so token t is trained when target_ids[t-1] is not -100
-        trained = [False] + [t != -100 for t in tgt[:-1]]
+        # target_ids[t] is the token at t+1, so token t is trained when target_ids[t-1] is not IGNORE_INDEX
+        trained = [False] + [t != IGNORE_INDEX for t in tgt[:-1]]
         runs: list[tuple[tuple[int, bool], list[int]]] = []
         doc = -1
         for t, tr, p in zip(ids, trained, pos, strict=True):

@@ -12,10 +12,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distsft import attention
+from distsft.attention import PackingIsolationError, check_packing_isolation, packed_attention_kwargs
 from distsft.config import KernelsConfig
-from distsft.data import PackingIsolationError, check_packing_isolation, packed_attention_kwargs
+from distsft.loss import select_loss_fn
 from distsft.model import CausalLMWithLoss
-from distsft.patching import apply_kernels, select_loss_fn
+from distsft.patching import apply_kernels
 
 SHAPES = Path(__file__).resolve().parents[1] / "shapes"
 

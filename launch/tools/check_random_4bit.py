@@ -1,5 +1,5 @@
 """Build a real-shape model with random weights quantized to 4 bits while they are drawn
-(`model.init_from_config` + `model.load_in_4bit`, distsft.model.build_random_4bit) on one GPU, then train
+(`model.init_from_config` + `model.load_in_4bit`, distsft.qlora.build_random_4bit) on one GPU, then train
 LoRA (our kernels, gradient checkpointing) on it for a few steps on random tokens, outside the trainer.
 Prints JSON lines: build time, memory after the build (LoRA included), the build's peak, then the
 training peak and tokens/s (steps after the first).
