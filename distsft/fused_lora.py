@@ -78,22 +78,16 @@ def fused(x, modules, values_unused: bool = False):
         for m in modules:
             census.ACTIVE.note("lora", "fused", m.__dict__[TAG].name)
         census.ACTIVE.groups["+".join(m.__dict__[TAG].name.rpartition(".")[2] for m in modules)] += 1
-    weights, biases, base_outs = [], [], []
+    weights, biases = [], []
     for m in modules:
         base = m.get_base_layer()
-        if qlora.is_4bit(base):
-            # Dequantized on demand, in the forward and again in the backward (never kept): the same
-            # fused GEMMs as a plain weight, no bitsandbytes autograd node and no separate dx sum.
-            weights.append(qlora.Dequantized4bit(base, m.__dict__[TAG]))
-            biases.append(base.bias)
-            base_outs.append(None)
-        else:
-            weights.append(base.weight)
-            biases.append(base.bias)
-            base_outs.append(None)
+        # A 4-bit weight is dequantized on demand, in the forward and again in the backward (never kept): the
+        # same fused GEMMs as a plain weight, no bitsandbytes autograd node and no separate dx sum.
+        weights.append(qlora.Dequantized4bit(base, m.__dict__[TAG]) if qlora.is_4bit(base) else base.weight)
+        biases.append(base.bias)
     return K.lora_projections(
         x, [m.lora_A[key].weight for m in modules], [m.lora_B[key].weight for m in modules],
-        [m.scaling[key] for m in modules], weights=weights, biases=biases, base_outs=base_outs,
+        [m.scaling[key] for m in modules], weights=weights, biases=biases,
         values_unused=values_unused, keep_dequantized=qlora.KEEP_RECOMPUTED_DEQUANT and recomputing())
 
 

@@ -9,7 +9,7 @@ Functional entry points (each a `torch.autograd.Function` underneath) and their 
         -> (loss_sum, n_valid)                                              cross_entropy_ref
     fused_linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, label_smoothing, softcap)
         -> (loss_sum, n_valid)                                              fused_linear_cross_entropy_ref
-    lora_projections(x, lora_a, lora_b, scalings, *, weights | base_outs, biases)
+    lora_projections(x, lora_a, lora_b, scalings, *, weights, biases)
         -> (y_1, ..., y_n)  (plain PyTorch GEMMs, no Triton)                lora_projections_ref
     dequantize_4bit(data, absmax, code, *, blocksize, shape, dtype, nested)
         (bitsandbytes NF4/FP4, bitwise equal; no autograd: frozen weights)  dequantize_4bit_ref
