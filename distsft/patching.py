@@ -326,7 +326,7 @@ post_attention_layernorm normalises the attention's output instead: its spare co
 def _spare_cols(norm_name: str, lora_layers: dict, cfg: KernelsConfig) -> int:
     """Columns to leave after each row of this norm's output: the rank sum R of the fused LoRA group on
     4-bit bases that reads it (its [x | mid] operand is then built on the norm's output, no copy of x;
-    kernels/lora.py), where the attention (rope) or MLP (swiglu) forward is ours and calls the group as
+    kernels/distsft_kernels/lora.py), where the attention (rope) or MLP (swiglu) forward is ours and calls the group as
     one. 0 where no such group follows (the columns would go unused; nothing else)."""
     prefix, _, leaf = norm_name.rpartition(".")
     if leaf not in _NORM_FEEDS:

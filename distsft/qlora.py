@@ -9,7 +9,7 @@ projections call.
 
 The LoRA update trains in full precision on top; the fused projections (distsft/fused_lora.py) dequantize
 each 4-bit weight inside their forward and again in their backward, never keeping the full-precision
-copy, with our one-pass kernel (kernels/dequant.py) or bitsandbytes' (`kernels.dequantize_4bit=false`).
+copy, with our one-pass kernel (kernels/distsft_kernels/dequant.py) or bitsandbytes' (`kernels.dequantize_4bit=false`).
 """
 
 from __future__ import annotations

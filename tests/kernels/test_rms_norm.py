@@ -77,7 +77,7 @@ def test_rms_norm_llama3_8b_shape(dtype, cuda):
 
 @pytest.mark.gpu
 def test_launches_after_the_first_call_the_compiled_kernel_directly(cuda, monkeypatch):
-    """Later calls with the same specialization skip Triton's launch path (kernels/_common.py `Launcher`):
+    """Later calls with the same specialization skip Triton's launch path (distsft_kernels/_common.py `Launcher`):
     only the first of three goes through `kernel[grid]`, and every one computes the reference's values,
     on fresh inputs each time."""
     import importlib

@@ -186,7 +186,7 @@ def rms_norm(
 
     `spare_cols` > 0 (and `_common.SPARE_COLUMNS` on): each output row is followed by that many columns of
     the output's storage that no element covers (the output is row-strided, not a view): `spare_columns(y,
-    width)` hands them to the next op, the fused LoRA projections (kernels/lora.py), which write their
+    width)` hands them to the next op, the fused LoRA projections (lora.py), which write their
     rank-R input projection there instead of copying y into a wider [y | mid] buffer."""
     if casting not in ("llama", "gemma"):
         raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")

@@ -246,7 +246,7 @@ def _check_direct() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Spare columns: rms_norm's output rows followed by room for the fused LoRA's [x | mid] (kernels/lora.py).
+# Spare columns: rms_norm's output rows followed by room for the fused LoRA's [x | mid] (lora.py).
 # The norm before a fused q/k/v or gate/up group on 4-bit bases leaves R = sum of the group's ranks
 # writable columns after each row; the group writes mid = [s_i x A_i^T] there and runs one GEMM over
 # [x | mid] with no copy of x. Off (`SPARE_COLUMNS = False`): rms_norm makes plain outputs and the group

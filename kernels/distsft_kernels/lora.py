@@ -6,7 +6,7 @@ optional frozen bias b_i, trainable fp32 A_i (r_i, d_in), B_i (d_out_i, r_i), sc
 
 Forward:
     A    = cat_i A_i                       (R, d_in), R = sum r_i, in the compute dtype (B_i too): one
-                                           cast-and-concatenate launch for the group's adapters (kernels/cast.py)
+                                           cast-and-concatenate launch for the group's adapters (cast.py)
     mid  = [s_i x @ A_i^T]                 (N, R)        one GEMM for the whole group (one read of x), each
                                                          s_i applied to the fp32 accumulator (alpha, beta=0)
     y_i  = x @ W_i^T + b_i                 (N, d_out_i)  the base GEMM
@@ -26,7 +26,7 @@ Backward (g_i = dL/dy_i, N x d_out_i); mid and gmid carry the scalings, so no gr
 
 Where x comes from rms_norm(..., spare_cols >= R) (distsft's norms before q/k/v and gate/up), each of its
 rows is followed by R columns of its own storage: mid is written there and [x | mid] is a view of x's
-storage, with no copy of x (the spare-columns protocol of kernels/_common.py, `SPARE_COLUMNS`; the columns
+storage, with no copy of x (the spare-columns protocol of _common.py, `SPARE_COLUMNS`; the columns
 are handed to the first call only).
 
 Saved for backward: x (which the caller's graph holds anyway), mid (N x R) and the tiny casted A and B.
@@ -65,7 +65,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-try:  # one launch for a group's adapter casts where Triton runs (kernels/cast.py); torch ops elsewhere
+try:  # one launch for a group's adapter casts where Triton runs (cast.py); torch ops elsewhere
     from ._common import spare_columns
     from ._common import triton_can_run as _triton_can_run
     from .cast import MAX_TENSORS as _MAX_CAST
