@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -278,7 +279,9 @@ def main(cfg: Config) -> TrainOutput:
     resume_path = broadcast_object_list(
         [find_resume_checkpoint(out_dir, cfg.checkpoint.resume_from_checkpoint) if is_main else None])[0]
     if resume_path is not None:
+        load_started = time.perf_counter()
         state = load_checkpoint(resume_path, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        load_s = time.perf_counter() - load_started
         if state["global_batch_size"] != global_batch and not cfg.distributed.allow_global_batch_change:
             raise ValueError(
                 f"{resume_path} was trained with a global batch of {state['global_batch_size']}, this run has "
@@ -338,6 +341,7 @@ def main(cfg: Config) -> TrainOutput:
                   zero3=zero3_filled or None)
     if resume_path is not None:
         tracker.event("resumed", step, path=str(resume_path), from_world_size=state["world_size"])
+        tracker.log({"checkpoint/load_s": load_s}, step)
         if state["world_size"] != world:
             tracker.event("world_size_changed", step, before=state["world_size"], after=world)
     tracker.log({f"data/{k}": v for k, v in data.report.as_dict()["train"].items() if isinstance(v, (int, float))},
