@@ -1,7 +1,7 @@
 """The packing self-check on a real shape on the GPU, for every attention path: prints the measured
 difference between documents packed into one row and the same documents alone, and the tolerance.
 
-    python launch/tools/check_packing_gpu.py --shape llama3-8b
+    python launch/tools/probes/check_packing_gpu.py --shape llama3-8b
 """
 
 import argparse
@@ -18,7 +18,7 @@ from distsft.loss import select_loss_fn
 from distsft.model import CausalLMWithLoss
 from distsft.patching import apply_kernels
 
-SHAPES = Path(__file__).resolve().parents[1] / "shapes"
+SHAPES = Path(__file__).resolve().parents[2] / "shapes"
 
 
 def main() -> None:

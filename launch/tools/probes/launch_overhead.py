@@ -3,7 +3,7 @@ width, nested absmax, 16 arguments, few rows so that the GPU keeps up) costs the
 path, against two plain torch ops for scale. A QLoRA step makes ~1,000 Triton launches and is host-bound,
 so microseconds here are milliseconds per step.
 
-    python launch/tools/launch_overhead.py [--n 20000]
+    python launch/tools/probes/launch_overhead.py [--n 20000]
 
 Rows: Triton's own `kernel[grid](...)`; `Launcher` calling the compiled kernel's runner
 (`compiled[grid](...)`); `Launcher` calling the C launcher directly (kernels/distsft_kernels/_common.py); the whole

@@ -1,6 +1,6 @@
 """GPU time of the LoRA weight-gradient GEMMs of one 8B decoder layer at 4,096 tokens, per formulation.
 
-    python launch/tools/lora_wgrad_gemms.py [--tokens 4096] [--rank 16]
+    python launch/tools/probes/lora_wgrad_gemms.py [--tokens 4096] [--rank 16]
 
 dB_i = g_i^T @ mid_i is (d_out, r) with K = tokens and dA = gmid^T @ x is (R, d_in) with K = tokens: a
 narrow output and a long reduction, where cuBLAS's choice of kernel depends on which side is narrow and
