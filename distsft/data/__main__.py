@@ -1,6 +1,6 @@
 """Inspect (and pre-build the cache of) a dataset as training would see it.
 
-    python -m distsft.data --data ../shared/data/gsm8k_train_alpaca.json --max-seq-len 2048
+    python -m distsft.data --data gsm8k_train_alpaca.json --max-seq-len 2048
     python -m distsft.data --config launch/configs/demo.yaml [section.key=value ...]   # the run's data
     python -m distsft.data --data chats.jsonl --tokenizer builtin:tiny-qwen3 --show 3  # offline, Qwen3's template
 
