@@ -2,7 +2,7 @@
 by distsft/patching.py and grouped over q/k/v and gate/up by its attention and MLP forwards.
 
     why = static_reason(layer)          # at patch time: None, or why this layer keeps peft's forward
-    y, = lora_forward(layer, x)         # the bound forward of one LoRA layer
+    y = lora_forward(layer, x)          # the forward bound to one LoRA layer
     q, k, v = projections(x, (q_proj, k_proj, v_proj))  # one autograd node for the group
 
 A layer whose computation the fused path does not reproduce (a variant, dropout, several adapters) keeps

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from distsft.config import KernelsConfig, LoraConfig, ModelConfig
-from distsft.loss import LossFn, target_indices
+from distsft.loss import LossFn, select_loss_fn, target_indices
 
 logger = logging.getLogger(__name__)
 
@@ -326,8 +326,7 @@ def build_model(
         attention.register()
     base = load_base_model(model_cfg, device, seed=seed)
     peft_model = add_lora(base, lora_cfg)
-    from distsft.loss import select_loss_fn
-    from distsft.patching import apply_kernels
+    from distsft.patching import apply_kernels  # loads the kernels: not when a preflight imports this module
 
     report = apply_kernels(peft_model, kernels_cfg)
     return CausalLMWithLoss(peft_model, select_loss_fn(kernels_cfg)), report

@@ -82,6 +82,8 @@ def test_resume_equals_uninterrupted_run_bitwise(runs):
     # The tracker run continues: one run id across both pieces.
     events = [json.loads(x) for x in (runs["resumed"] / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resumed" for e in events)
+    loads = [e["checkpoint/load_s"] for e in events if "checkpoint/load_s" in e]  # the resume's load time
+    assert len(loads) == 1 and loads[0] > 0
 
 
 def test_resumed_summary_covers_the_whole_run(runs):
