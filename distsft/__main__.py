@@ -5,11 +5,9 @@ import sys
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
-# `python -m distsft` from the repository root put the root first on sys.path, where the top-level `kernels/`
-# folder would shadow the PyPI `kernels` package that transformers probes for; run as a file, Python put
-# distsft/ itself there, where a sibling module would shadow a library of its name (DESIGN.md). Neither
-# entry is needed once distsft is found: drop both, and fall back to the checkout (appended last).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (_PKG, _PKG.parent)]
+# Run as a file, Python put distsft/ itself first on sys.path, where a sibling module would shadow a library
+# of its name (DESIGN.md): drop it, and fall back to the checkout (appended last) where distsft is not installed.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _PKG]
 if not __package__:
     import importlib.util
 

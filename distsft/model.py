@@ -5,6 +5,9 @@ then computes the loss from the final hidden states and the LM head weight in it
 (DESIGN.md rule 8). Owning the head and the loss here is what lets a fused linear cross-entropy replace
 the (tokens, vocab) logits, and under DeepSpeed ZeRO-3 it is what makes the engine gather
 `lm_head.weight` before we read it: the forward of the prepared module is where parameters are whole.
+
+The rooms it draws on: the loss function and the target positions (distsft/loss.py), 4-bit loading and
+the random 4-bit build (distsft/qlora.py), our kernels bound into the instance (distsft/patching.py).
 """
 
 from __future__ import annotations
@@ -12,22 +15,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from distsft.config import KernelsConfig, LoraConfig, ModelConfig
+from distsft.loss import LossFn, select_loss_fn, target_indices
 
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-IGNORE_INDEX = -100
-
-# (hidden (N, d), weight (V, d), targets (N,), *, bias, softcap) -> (loss_sum fp32, n_valid int64)
-LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def resolve_path(spec: str) -> str:
@@ -83,6 +81,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
     `model.zero_init` it is built already partitioned across ranks. With `model.load_in_4bit` the
     quantized linear layers are built on `device` directly (bitsandbytes quantizes where the weight lies)."""
 
+    from distsft.qlora import keep_4bit_training_layout
+
     dtype = resolve_dtype(cfg.dtype, device)
     common = dict(trust_remote_code=cfg.trust_remote_code)
     common.update(_quantization_kwargs(cfg, dtype, device))
@@ -91,7 +91,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
     partitioned = cfg.zero_init and "device_map" not in common
     with contextlib.nullcontext() if partitioned else _without_zero_init():
         model = _build(cfg, dtype, common, seed)
-    _keep_4bit_training_layout(model)
+    keep_4bit_training_layout(model)
     _without_hub_kernels(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing is True:  # `auto` is planned once the model is on its device (train.py)
@@ -112,25 +112,6 @@ def _without_hub_kernels(model: nn.Module) -> None:
         model.reset_kernels()
 
 
-def _keep_4bit_training_layout(model: nn.Module) -> None:
-    """Stop bitsandbytes' CPU backend from repacking 4-bit weights for inference.
-
-    On a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode without grad (our packing self-check, any
-    eval) rewrites `weight.data` in place into a layout for its inference kernel and marks the quant_state
-    (`packing_format_for_cpu`); every later forward, in training too, then goes through `gemv_4bit`, which
-    has no autograd formula: no gradient flows back through the 4-bit layer's input, silently (only LoRA
-    layers downstream of the last 4-bit matmul still learn). Under ZeRO-3 the repacked data also replaces a
-    gathered parameter, so the next gather pairs the original bytes with the repacked quant_state (garbage
-    logits). Training wants the autograd path on every forward; GPUs never take this branch."""
-    if not getattr(model, "is_loaded_in_4bit", False):
-        return
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
 def _zero3() -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -138,54 +119,17 @@ def _zero3() -> bool:
 
 
 def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict:
-    """`from_pretrained` / random-init arguments for bitsandbytes 4-bit (`model.load_in_4bit`, or a
-    checkpoint that is already quantized); {} otherwise. Weights are quantized layer by layer as they load
-    (or, for a random init, as they are drawn), so the full-precision model never exists on the device.
+    """bitsandbytes' loading arguments for this run (distsft.qlora.quantization_kwargs, from the model's
+    own config and whether ZeRO-3 is on); {} for a random init in full precision (no config read)."""
+    from transformers import AutoConfig
 
-    Under ZeRO-3 every rank builds the whole 4-bit model (small: ~0.53 byte per weight) and
-    `accelerate.prepare` partitions it like any other parameter: the packed bytes are stored in the model
-    dtype (`bnb_4bit_quant_storage` auto), so a 4-bit weight is a tensor of that dtype DeepSpeed can shard
-    and gather with the rest of the model, and its quant_state (absmax, code) stays on the parameter object,
-    whole on every rank. DeepSpeed converts each parameter from rank 0's bytes while each rank keeps its own
-    quant_state: ranks must quantize identically, which the same checkpoint or seed gives."""
-    from transformers import AutoConfig, BitsAndBytesConfig
+    from distsft.qlora import quantization_kwargs
 
     if not cfg.load_in_4bit and cfg.name_or_path is None:
         return {}  # a random init in full precision
-    zero3 = _zero3()
-    source = cfg.name_or_path or cfg.init_from_config
-    hf_config = AutoConfig.from_pretrained(resolve_path(source), revision=cfg.revision,
-                                           trust_remote_code=cfg.trust_remote_code)
-    if getattr(hf_config, "quantization_config", None) is not None:
-        if cfg.name_or_path is None:
-            raise ValueError(f"model.init_from_config: {source} carries a quantization_config, but a random init "
-                             "is quantized with the model.bnb_4bit_* settings: remove it from the config")
-        if zero3:
-            raise ValueError(
-                f"model.name_or_path: {source} is already quantized, which is not supported under ZeRO-3: its "
-                "4-bit storage dtype is fixed by the checkpoint (usually uint8) where ZeRO-3 here shards 4-bit "
-                "weights stored in the model dtype. Load the full-precision checkpoint with "
-                "model.load_in_4bit=true (quantized while loading), or train this one under ZeRO-2 or DDP")
-        logger.info("%s is already quantized: loading it with its own quantization settings", cfg.name_or_path)
-        return {"device_map": {"": device}}
-    if not cfg.load_in_4bit:
-        return {}
-    compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else getattr(torch, cfg.bnb_4bit_compute_dtype)
-    if cfg.bnb_4bit_quant_storage == "auto":
-        storage = dtype if zero3 else torch.uint8
-    else:
-        storage = getattr(torch, cfg.bnb_4bit_quant_storage)
-    if zero3 and storage != dtype:
-        raise ValueError(
-            f"model.bnb_4bit_quant_storage: under ZeRO-3 the packed 4-bit weights are stored in the model dtype "
-            f"({dtype}) so that every partitioned parameter has one dtype; got {cfg.bnb_4bit_quant_storage} "
-            "(leave it auto)")
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=storage,
-    )
-    return {"quantization_config": quant, "device_map": {"": device}}  # each rank its copy on its device
+    hf_config = AutoConfig.from_pretrained(resolve_path(cfg.name_or_path or cfg.init_from_config),
+                                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return quantization_kwargs(cfg, hf_config, dtype, device, zero3=_zero3())
 
 
 def merged_model(peft_model) -> nn.Module:
@@ -245,6 +189,8 @@ def merged_model(peft_model) -> nn.Module:
 def _build(cfg: ModelConfig, dtype: torch.dtype, common: dict, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from distsft.qlora import build_random_4bit
+
     if cfg.name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_path(cfg.name_or_path),
@@ -269,121 +215,6 @@ def _build(cfg: ModelConfig, dtype: torch.dtype, common: dict, seed: int):
                 hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation, **common
             )
     return model
-
-
-def build_random_4bit(hf_config, quant, *, dtype: torch.dtype, device: torch.device, seed: int,
-                      attn_implementation: str = "sdpa", trust_remote_code: bool = False):
-    """A randomly initialised causal LM whose linear layers are bitsandbytes 4-bit, built without the
-    full-precision model ever existing: a Llama-3.1-70B shape (140 GB in bf16) fits one 80 GB GPU.
-
-    1. The skeleton is built on the meta device (shapes only, no storage).
-    2. transformers' own bitsandbytes quantizer swaps the target `nn.Linear`s for `Linear4bit` on that
-       skeleton, exactly as `from_pretrained(quantization_config=...)` does (same modules left in full
-       precision: the LM head and anything in `llm_int8_skip_modules`).
-    3. One unit at a time (a decoder layer whole, or a module holding tensors of its own outside the
-       layer lists: embeddings, final norm, LM head, rotary buffers), its tensors are materialised on
-       `device` in `dtype`, drawn by the model's own `_init_weights`, and its `Linear4bit` weights quantized
-       there; the full-precision copy is freed before the next unit. Peak extra memory: one decoder
-       layer's weights in `dtype` (1.7 GB for the 70B shape) plus bitsandbytes' temporaries.
-    4. The quantizer's post-processing marks the model as from_pretrained does (`is_loaded_in_4bit`,
-       `hf_quantizer`, `config.quantization_config`), so peft's `get_peft_model` treats it the same.
-
-    Each unit draws from its own generator state, seeded from (`seed`, the unit's name) only: every rank
-    builds the same weights whatever it drew before (DDP ranks agree), and a unit's values do not depend on
-    the other units. The values differ from `from_config`'s (one RNG stream over the whole model) and
-    between CPU and CUDA (different generators).
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.quantizers.auto import AutoHfQuantizer
-
-    try:
-        from transformers.initialization import guard_torch_init_functions
-    except ImportError:  # transformers < 5: torch.nn.init is not patched, and needs not be
-        guard_torch_init_functions = contextlib.nullcontext
-
-    device_map = {"": device}
-    with _without_zero_init(), torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=trust_remote_code)
-    quantizer = AutoHfQuantizer.from_config(quant, pre_quantized=False)
-    quantizer.validate_environment(device_map=device_map)
-    quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=None,
-                               use_kernels=False)
-
-    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (it, its replacement): ties
-    with torch.no_grad(), guard_torch_init_functions():
-        for name, unit, owner, whole in _init_units(model):
-            _draw_unit(list(unit.modules()) if whole else [unit], owner, made, dtype=dtype, device=device,
-                       seed=zlib.crc32(f"{seed}:{name}".encode()))
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    assert not left, f"tensors not materialised: {left[:5]}"
-    model.hf_quantizer = quantizer
-    quantizer.postprocess_model(model)
-    return model
-
-
-def _draw_unit(modules: list[nn.Module], owner, made: dict, *, dtype: torch.dtype, device: torch.device,
-               seed: int) -> None:
-    """Materialise `modules`' meta tensors on `device`, draw them with `owner._init_weights` from `seed`,
-    then quantize their `Params4bit` weights. A function of its own so that no local outlives the unit:
-    on return the only full-precision tensors left are those the model keeps (embeddings, norms, head)."""
-    import bitsandbytes as bnb
-
-    pending = []  # (module, key, meta Params4bit): quantized once the unit is drawn
-    for module in modules:
-        for key, t in list(module._parameters.items()):
-            if t is None or not t.is_meta:
-                continue
-            if id(t) in made:  # a tied weight: the one tensor, materialised once
-                module._parameters[key] = made[id(t)][1]
-                continue
-            quantized = isinstance(t, bnb.nn.Params4bit)  # drawn in the model dtype, as a checkpoint loads
-            module._parameters[key] = nn.Parameter(
-                torch.empty(t.shape, dtype=dtype if quantized else t.dtype, device=device),
-                requires_grad=False if quantized else t.requires_grad)
-            if quantized:
-                pending.append((module, key, t))
-            else:
-                made[id(t)] = (t, module._parameters[key])
-        for key, t in list(module._buffers.items()):
-            if t is not None and t.is_meta:
-                module._buffers[key] = torch.empty_like(t, device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for module in reversed(modules):  # children before parents, as `initialize_weights` does
-            owner._init_weights(module)
-    for module, key, meta in pending:
-        attrs = {k: v for k, v in vars(meta).items() if k not in ("quant_state", "bnb_quantized")}
-        # Params4bit.to(device) quantizes (on CPU too) and `module=` hands the quant_state to the layer;
-        # replacing the parameter frees the full-precision weight.
-        module._parameters[key] = bnb.nn.Params4bit(module._parameters[key].data, requires_grad=False,
-                                                    **attrs).to(device)
-        module._parameters[key]._is_hf_initialized = True
-        made[id(meta)] = (meta, module._parameters[key])
-
-
-def _init_units(model: nn.Module):
-    """(name, module, owning PreTrainedModel, whole) in the order they are drawn: every element of an
-    `nn.ModuleList` (a decoder layer) whole, and every other module for the tensors it holds itself,
-    children before parents. The owner's `_init_weights` draws the unit (a model nested in another
-    keeps its own init)."""
-    from transformers import PreTrainedModel
-
-    def walk(module: nn.Module, prefix: str, owner):
-        if isinstance(module, PreTrainedModel):
-            owner = module
-        for key, child in module.named_children():
-            name = f"{prefix}.{key}" if prefix else key
-            if isinstance(module, nn.ModuleList):
-                yield name, child, owner, True
-            else:
-                yield from walk(child, name, owner)
-        if not isinstance(module, nn.ModuleList) and (
-                any(t is not None for t in module._parameters.values())
-                or any(t is not None for t in module._buffers.values())):
-            yield prefix, module, owner, False
-
-    yield from walk(model, "", model)
 
 
 def ties_trained_embedding(model, modules_to_save: list[str]) -> bool:
@@ -423,24 +254,11 @@ def add_lora(model, cfg: LoraConfig):
     return get_peft_model(model, peft_cfg)
 
 
-def reference_loss(hidden, weight, targets, *, bias=None, softcap=None):
-    """HF's numerics: logits in the model dtype, upcast to fp32, summed cross-entropy and its count."""
-    logits = nn.functional.linear(hidden, weight, bias).float()  # (N, V)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    loss_sum = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, targets.ne(IGNORE_INDEX).sum()
-
-
-def target_indices(target_ids: torch.Tensor) -> torch.Tensor:
-    """The flat (B*T) positions that have a target (label != IGNORE_INDEX), int64, on target_ids' device."""
-    return target_ids.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
-
-
 class CausalLMWithLoss(nn.Module):
-    """peft model + the loss. forward(batch) -> (summed token loss fp32, number of target tokens)."""
+    """peft model + the loss. forward(batch) -> (summed token loss fp32, number of target tokens).
+    `loss_fn`: the LM head's loss (`distsft.loss.select_loss_fn(cfg.kernels)`)."""
 
-    def __init__(self, peft_model: nn.Module, loss_fn: LossFn = reference_loss):
+    def __init__(self, peft_model: nn.Module, loss_fn: LossFn):
         super().__init__()
         self.peft_model = peft_model
         self.loss_fn = loss_fn
@@ -508,7 +326,7 @@ def build_model(
         attention.register()
     base = load_base_model(model_cfg, device, seed=seed)
     peft_model = add_lora(base, lora_cfg)
-    from distsft.patching import apply_kernels, select_loss_fn
+    from distsft.patching import apply_kernels  # loads the kernels: not when a preflight imports this module
 
     report = apply_kernels(peft_model, kernels_cfg)
     return CausalLMWithLoss(peft_model, select_loss_fn(kernels_cfg)), report

@@ -56,7 +56,7 @@ GIB = 1 << 30
 DEFAULT_BUDGET_FRACTION = 0.9
 """Without `model.memory_budget_gib`: this share of the GPU's total memory (the rest covers the CUDA
 context, allocator fragmentation and what the estimates miss)."""
-_FUSED_CE_CHUNK_BYTES = 1 << 29  # the fused linear cross-entropy's logits chunk (kernels/fused_linear_cross_entropy.py)
+_FUSED_CE_CHUNK_BYTES = 1 << 29  # the fused linear CE's logits chunk (distsft_kernels/fused_linear_cross_entropy.py)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -43,6 +44,8 @@ from accelerate.utils import broadcast_object_list
 from transformers.trainer_utils import TrainOutput
 
 from distsft import attention
+from distsft.attention import VARLEN_IMPLEMENTATIONS, check_packing_isolation, packed_attention_kwargs
+from distsft.census import record_kernels
 from distsft.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
@@ -52,15 +55,7 @@ from distsft.checkpoint import (
     trainable_named_parameters,
 )
 from distsft.config import Config, build_config, load_config
-from distsft.data import (
-    VARLEN_IMPLEMENTATIONS,
-    GlobalBatchSampler,
-    build_datasets,
-    check_packing_isolation,
-    check_token_ids,
-    collate,
-    packed_attention_kwargs,
-)
+from distsft.data import GlobalBatchSampler, build_datasets, check_token_ids, collate
 from distsft.distributed import (
     REQUEUE_EXIT_CODE,
     PreemptionFlag,
@@ -82,18 +77,16 @@ from distsft.export import export_adapter, save_adapter, trainable_state_dict
 from distsft.flops import doc_lengths_from_position_ids, peak_flops, train_flops, trainable_params
 from distsft.lifecycle import PREEMPTION, injected_signal
 from distsft.logs import setup_logging
-from distsft.loss import backward_scale, count_targets
+from distsft.loss import backward_scale, count_targets, target_indices
 from distsft.model import (
     build_model,
     load_tokenizer,
     merged_model,
-    target_indices,
     trainable_numel_on_meta,
     trainable_parameter_count,
 )
 from distsft.offload import device_checkpoint, offloaded_checkpoint
 from distsft.optim import build_optimizer, build_scheduler
-from distsft.patching import record_kernels
 from distsft.plots import plot_run
 from distsft.preflight import preflight, prepare_output_dir
 from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary
@@ -294,7 +287,9 @@ def main(cfg: Config) -> TrainOutput:
     resume_path = broadcast_object_list(
         [find_resume_checkpoint(out_dir, cfg.checkpoint.resume_from_checkpoint) if is_main else None])[0]
     if resume_path is not None:
+        load_started = time.perf_counter()
         state = load_checkpoint(resume_path, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        load_s = time.perf_counter() - load_started
         if state["global_batch_size"] != global_batch and not cfg.distributed.allow_global_batch_change:
             raise ValueError(
                 f"{resume_path} was trained with a global batch of {state['global_batch_size']}, this run has "
@@ -354,6 +349,7 @@ def main(cfg: Config) -> TrainOutput:
                   zero3=zero3_filled or None)
     if resume_path is not None:
         tracker.event("resumed", step, path=str(resume_path), from_world_size=state["world_size"])
+        tracker.log({"checkpoint/load_s": load_s}, step)
         if state["world_size"] != world:
             tracker.event("world_size_changed", step, before=state["world_size"], after=world)
     tracker.log({f"data/{k}": v for k, v in data.report.as_dict()["train"].items() if isinstance(v, (int, float))},

@@ -61,12 +61,12 @@ def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, 
     LoRA on top, our kernels, through the trainer's own `build_model`."""
     import torch
 
-    from distsft import patching
+    from distsft import qlora
     from distsft.config import KernelsConfig, LoraConfig, ModelConfig
     from distsft.model import build_model
     from distsft.offload import device_checkpoint, offloaded_checkpoint
 
-    patching.KEEP_RECOMPUTED_DEQUANT = keep_dequant
+    qlora.KEEP_RECOMPUTED_DEQUANT = keep_dequant
     wrapper, _ = build_model(
         ModelConfig(init_from_config=str(REPO / "launch" / "shapes" / shape), dtype="bfloat16", load_in_4bit=True,
                     attn_implementation=attn),
@@ -90,7 +90,9 @@ def _next_token_targets(ids) -> dict:
     without a sync)."""
     import torch
 
-    targets = torch.full_like(ids, -100)
+    from distsft.loss import IGNORE_INDEX
+
+    targets = torch.full_like(ids, IGNORE_INDEX)
     targets[:, :-1] = ids[:, 1:]
     index = torch.arange(ids.numel(), device=ids.device).view(ids.shape)[:, :-1].reshape(-1)
     return {"input_ids": ids, "target_ids": targets, "target_index": index}
@@ -103,7 +105,7 @@ def _rows_as_documents(ids, attn: str) -> dict:
         return {}
     import torch
 
-    from distsft.data import packed_attention_kwargs
+    from distsft.attention import packed_attention_kwargs
 
     key = (*ids.shape, ids.device)
     if key not in _ROWS:
@@ -147,8 +149,9 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
     if provider != "distsft":
         return peft_model, config, lambda ids: peft_model(input_ids=ids, labels=ids).loss
     from distsft.config import KernelsConfig
+    from distsft.loss import select_loss_fn
     from distsft.model import CausalLMWithLoss
-    from distsft.patching import apply_kernels, select_loss_fn
+    from distsft.patching import apply_kernels
 
     kcfg = KernelsConfig()
     apply_kernels(peft_model, kcfg)
@@ -234,25 +237,22 @@ def real_data_worker(args) -> dict:
 
     from distsft.config import DataConfig, DataSourceConfig
     from distsft.data import build_datasets as build_data
-    from distsft.data import collate, packed_attention_kwargs
-    from distsft.model import target_indices
+    from distsft.data import collate
+    from distsft.train import to_device
 
     model, config, _ = build("distsft", args.shape, args.gc, attn=args.real_attn, offload=args.offload)
     tok = AutoTokenizer.from_pretrained(REPO / "distsft" / "assets" / "tiny-llama")
-    data = build_data(DataConfig(sources=[DataSourceConfig(path=args.real_data)], max_seq_len=args.seq,
-                                 progress_bar=False), tok, seed=0).train
+    data_cfg = DataConfig(sources=[DataSourceConfig(path=args.real_data)], max_seq_len=args.seq, progress_bar=False)
+    data = build_data(data_cfg, tok, seed=0).train
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     times, real = [], []
     for i in range(args.warmup + args.steps):
         samples = [data[(i * args.batch + j) % len(data)] for j in range(args.batch)]
-        mb = collate(samples, pad_token_id=tok.pad_token_id)
-        mb["target_index"] = target_indices(mb["target_ids"])  # on the host, as the trainer does
-        if args.real_attn == "distsft_varlen":  # document lengths from host positions, as the trainer does
-            mb.update(packed_attention_kwargs(mb["position_ids"], args.real_attn, torch.bfloat16))
-        mb = {k: v.cuda() if torch.is_tensor(v) else v for k, v in mb.items()}
-        if args.real_attn == "sdpa":
-            mb.update(packed_attention_kwargs(mb["position_ids"], "sdpa", torch.bfloat16))
+        # the trainer's own batch preparation: target positions and varlen lengths from the host batch, the
+        # sdpa document mask built on the device
+        mb = to_device(collate(samples, pad_token_id=tok.pad_token_id), torch.device("cuda"), data_cfg.packing,
+                       args.real_attn, torch.bfloat16)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         s, n = model(**mb)

@@ -30,10 +30,9 @@ Output: the markdown table on stdout and in --out with provenance (GPU, versions
 command), --out's .json the raw numbers, both rewritten after every launch. --deadline-s stops starting
 launches that would not finish in time; skipped ones are listed.
 
-On the lent GPU machine (`../shared/device/README.md`): copy the data into the carried wheelhouse first
-(`cp ../shared/data/gsm8k_train_alpaca.json .whl/`), then one call runs
-`python3 launch/bench_zero.py --data .whl/gsm8k_train_alpaca.json --workdir /tmp/bz --deadline-s 540
---commit <sha> --out $OUT/zero.md`.
+On a GPU host with a time limit per run: `python launch/bench_zero.py --data gsm8k_train_alpaca.json
+--workdir /tmp/bz --deadline-s 540 --commit <sha> --out zero.md` (--commit where the host's copy of the tree
+has no .git; the same --workdir lets the next run reuse the saved model and the data cache).
 """
 
 from __future__ import annotations

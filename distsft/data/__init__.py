@@ -29,18 +29,7 @@ import numpy as np
 
 from distsft.config import DataConfig, DataSourceConfig
 from distsft.data import cache
-from distsft.data.packing import (
-    VARLEN_IMPLEMENTATIONS,
-    PackedDataset,
-    PackingIsolationError,
-    check_packing_isolation,
-    collate,
-    cu_seqlens_from_position_ids,
-    document_attention_mask,
-    document_ids,
-    pack_best_fit_decreasing,
-    packed_attention_kwargs,
-)
+from distsft.data.packing import PackedDataset, collate, pack_best_fit_decreasing
 from distsft.data.report import DataError, DataReport, Dropped, Rejection, SourceReport, SplitStats
 from distsft.data.sampler import GlobalBatchSampler
 from distsft.data.sources import open_source, register_dataset
@@ -49,10 +38,8 @@ from distsft.data.tokenization import TokenizedSource, tokenize_source
 
 __all__ = [
     "BUILTIN_TEMPLATES", "DataBundle", "DataError", "DataReport", "Dropped", "GlobalBatchSampler",
-    "PackedDataset", "PackingIsolationError", "VARLEN_IMPLEMENTATIONS", "Rejection", "SourceReport",
-    "build_datasets", "check_packing_isolation", "check_token_ids",
-    "collate", "cu_seqlens_from_position_ids", "document_attention_mask", "document_ids",
-    "load_source", "pack_best_fit_decreasing", "packed_attention_kwargs", "register_dataset",
+    "PackedDataset", "Rejection", "SourceReport", "build_datasets", "check_token_ids", "collate",
+    "load_source", "pack_best_fit_decreasing", "register_dataset",
 ]
 
 logger = logging.getLogger("distsft.data")

@@ -1,6 +1,6 @@
 """Inspect (and pre-build the cache of) a dataset as training would see it.
 
-    python -m distsft.data --data ../shared/data/gsm8k_train_alpaca.json --max-seq-len 2048
+    python -m distsft.data --data gsm8k_train_alpaca.json --max-seq-len 2048
     python -m distsft.data --config launch/configs/demo.yaml [section.key=value ...]   # the run's data
     python -m distsft.data --data chats.jsonl --tokenizer builtin:tiny-qwen3 --show 3  # offline, Qwen3's template
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from distsft.config import ConfigError, DataConfig, DataSourceConfig, load_config
 from distsft.data import DataError, build_datasets
+from distsft.loss import IGNORE_INDEX
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -66,8 +67,8 @@ def _show(ds, tokenizer, n: int) -> None:
     for i in range(min(n, len(ds))):
         s = ds[i]
         ids, tgt, pos = s["input_ids"].tolist(), s["target_ids"].tolist(), s["position_ids"].tolist()
-        # target_ids[t] is the token at t+1, so token t is trained when target_ids[t-1] is not -100
-        trained = [False] + [t != -100 for t in tgt[:-1]]
+        # target_ids[t] is the token at t+1, so token t is trained when target_ids[t-1] is not IGNORE_INDEX
+        trained = [False] + [t != IGNORE_INDEX for t in tgt[:-1]]
         runs: list[tuple[tuple[int, bool], list[int]]] = []
         doc = -1
         for t, tr, p in zip(ids, trained, pos, strict=True):

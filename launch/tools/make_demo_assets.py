@@ -1,6 +1,6 @@
 """Rebuild the embedded demo assets under distsft/assets/ (run once; the outputs are committed).
 
-    python launch/tools/make_demo_assets.py --gsm8k ../shared/data/gsm8k_train_alpaca.json
+    python launch/tools/make_demo_assets.py --gsm8k gsm8k_train_alpaca.json
 
 Writes:
   distsft/assets/gsm8k-demo/train.jsonl   the first 400 GSM8K train rows (MIT, see ATTRIBUTION.md there)

@@ -1,11 +1,13 @@
 """launch/bench_multigpu.py (issue 8's multi-GPU set) end to end on CPU: every phase through the same code
 paths the GPU run takes (torchrun, DeepSpeed on gloo with DS_ACCELERATOR=cpu, launch/multinode.sh, the
-`_trainer` timing wrapper, the prebuilt random model loaded by name), with 1 and 2 processes:
+`_trainer` entry recording each rank's exit code, the prebuilt random model loaded by name), with 1 and 2
+processes (the code: launch/multigpu/):
 
   scaling  DDP and ZeRO-2 at 1 and 2 processes: tokens/s per GPU and efficiencies come out as numbers
   zero3    ZeRO-3 with model.zero_init=true (the demo's 4-layer Llama): throughput, a checkpoint save time
   parity   1 process vs 2 DDP vs 2 ZeRO-3, same global batch: same samples, losses within 2e-5 (fp32)
-  resume   2 DDP -> 1 -> ZeRO-3 on 2: losses of the uninterrupted run within 2e-5, save and load times
+  resume   2 DDP -> 1 -> ZeRO-3 on 2: losses of the uninterrupted run within 2e-5, save and load times (the
+           trainer's checkpoint/save_s and checkpoint/load_s)
   nodes    two agents of one process each through launch/multinode.sh: same losses as one agent
   sigterm  SIGTERM to the torchrun agent and to every rank: one verified checkpoint, exit code 75
 
@@ -92,7 +94,7 @@ def test_resume_chain_continues_the_uninterrupted_curve(bench):
     assert segs[0]["world_size_changed"] == [[2, 1]] and segs[1]["world_size_changed"] == [[1, 2]]
     for s in segs:
         assert s["resumed"] and s["same_samples"] and s["max_abs_diff"] <= ATOL, s
-        assert number(s["save_s"]) and number(s["load_s"]) and number(s["verify_s"]) and s["checkpoint_mb"] > 0, s
+        assert number(s["save_s"]) and number(s["load_s"]) and s["checkpoint_mb"] > 0, s  # load: checkpoint/load_s
         assert s["save_wall_s"] >= s["save_s"], s
     assert number(res["final_save_s"])
     assert "Loss curve" in bench[1]

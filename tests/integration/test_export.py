@@ -10,10 +10,12 @@ from _support import write_tiny_llama
 from safetensors.torch import load_file
 
 import distsft
-from distsft.config import LoraConfig, ModelConfig, TrainConfig, load_config
+from distsft.config import KernelsConfig, LoraConfig, ModelConfig, TrainConfig, load_config
+from distsft.loss import select_loss_fn
 
 pytestmark = pytest.mark.integration
 CPU = torch.device("cpu")
+LOSS = select_loss_fn(KernelsConfig(backend="torch"))  # the reference loss (these tests read logits)
 
 
 def run_config(tmp, model_dir, out, **extra):
@@ -36,7 +38,7 @@ def restored(model_dir, out, lora: LoraConfig):
     from distsft.model import CausalLMWithLoss, add_lora, load_base_model
     from distsft.optim import build_optimizer
 
-    model = CausalLMWithLoss(add_lora(load_base_model(model_cfg(model_dir), CPU, seed=42), lora))
+    model = CausalLMWithLoss(add_lora(load_base_model(model_cfg(model_dir), CPU, seed=42), lora), LOSS)
     opt = build_optimizer(model, TrainConfig(), CPU)
     load_checkpoint(out / "checkpoints" / "step-00000002", model=model, optimizer=opt, scheduler=None)
     return model.eval()
@@ -48,7 +50,7 @@ def reloaded(model_dir, adapter_dir):
     from distsft.model import CausalLMWithLoss, load_base_model
 
     base = load_base_model(model_cfg(model_dir), CPU, seed=42)
-    return CausalLMWithLoss(PeftModel.from_pretrained(base, str(adapter_dir)).eval())
+    return CausalLMWithLoss(PeftModel.from_pretrained(base, str(adapter_dir)).eval(), LOSS)
 
 
 IDS = torch.randint(5, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -135,7 +137,7 @@ def test_random_init_adapter_loads_with_auto_peft_and_has_a_model_card(tmp_path)
     distsft.train(run_config(tmp_path, model_dir, out))
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((out / "base").resolve())
-    auto = CausalLMWithLoss(AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter")).eval())
+    auto = CausalLMWithLoss(AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter")).eval(), LOSS)
     reference = reloaded(model_dir, out / "adapter")
     a, b = auto.peft_model.state_dict(), reference.peft_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the very weights that trained

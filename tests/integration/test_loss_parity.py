@@ -31,7 +31,8 @@ from _support import DEMO_TOKENIZER, REPO, SHARED_DATA, write_tiny_llama
 
 from distsft.config import DataConfig, DataSourceConfig, KernelsConfig, LoraConfig, ModelConfig
 from distsft.data import GlobalBatchSampler, build_datasets, collate
-from distsft.model import IGNORE_INDEX, build_model, load_tokenizer
+from distsft.loss import IGNORE_INDEX
+from distsft.model import build_model, load_tokenizer
 
 pytestmark = pytest.mark.integration
 

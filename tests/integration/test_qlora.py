@@ -184,7 +184,7 @@ def test_qlora_under_zero3_on_two_ranks(run):
 
     Regression: bitsandbytes' CPU backend repacked each weight in place at the first eval forward (the
     packing self-check), so under ZeRO-3 the next gather paired the original bytes with the repacked
-    quant_state and the self-check failed; `_keep_4bit_training_layout` stops the repack."""
+    quant_state and the self-check failed; `qlora.keep_4bit_training_layout` stops the repack."""
     from _support import REPO
     from safetensors.torch import load_file
 
@@ -346,7 +346,7 @@ def _reference_full_precision(cfg_dir, seed):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distsft.model import _init_units
+    from distsft.qlora import _init_units
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg_dir), dtype=torch.float32,
                                              attn_implementation="eager")
@@ -458,6 +458,7 @@ def test_random_init_4bit_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     from _support import write_tiny_llama
 
     import distsft.model as model_module
+    import distsft.qlora as qlora_module
 
     cfg = _random_4bit_config(write_tiny_llama(tmp_path / "cfg", num_hidden_layers=8, vocab_size=256))
     hidden, inter, q, kv = 64, 128, 4 * 16, 2 * 16  # write_tiny_llama's shape
@@ -472,7 +473,7 @@ def test_random_init_4bit_holds_one_layer_at_a_time(tmp_path, monkeypatch):
 
     per_layer = measure()
     whole_units = lambda model: iter([("", model, model, True)])  # noqa: E731  (the control: all at once)
-    monkeypatch.setattr(model_module, "_init_units", whole_units)
+    monkeypatch.setattr(qlora_module, "_init_units", whole_units)
     all_at_once = measure()
     print(f"\nrandom 4-bit loader: transient fp32 peak {per_layer} B per layer, {all_at_once} B all at once; "
           f"one layer's linears {layer_bytes} B")
@@ -504,13 +505,13 @@ def test_fused_lora_on_the_4bit_base_matches_peft(run, monkeypatch, ours, norms)
     report = apply_kernels(model, KernelsConfig(rms_norm=norms, rope=norms, swiglu=norms, dequantize_4bit=ours))
     assert report.counts["lora"] == 7 * model.config.num_hidden_layers
     if norms:
-        from distsft.patching import _TAG
+        from distsft.census import TAG
 
         layer = model.base_model.model.model.layers[0]
         r = model.peft_config["default"].r
-        assert getattr(layer.input_layernorm, _TAG).spare_cols == 3 * r
-        assert getattr(layer.post_attention_layernorm, _TAG).spare_cols == 2 * r
-        assert getattr(model.base_model.model.model.norm, _TAG).spare_cols == 0
+        assert getattr(layer.input_layernorm, TAG).spare_cols == 3 * r
+        assert getattr(layer.post_attention_layernorm, TAG).spare_cols == 2 * r
+        assert getattr(model.base_model.model.model.norm, TAG).spare_cols == 0
     calls = []
     if K.HAS_TRITON:
         real = K.Dequantizer.__call__
@@ -540,7 +541,8 @@ def test_cached_dequantizer_follows_a_replaced_4bit_weight(run):
     import distsft_kernels as K
     from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
 
-    from distsft.patching import _dequantize_4bit, _Spec
+    from distsft.patching import _Spec
+    from distsft.qlora import dequantize_4bit
 
     if not K.HAS_TRITON:
         pytest.skip("no Triton: bitsandbytes dequantizes, nothing is cached")
@@ -549,16 +551,16 @@ def test_cached_dequantizer_follows_a_replaced_4bit_weight(run):
     layer = next(m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
     spec = _Spec("auto", activation="lora", dequantize_4bit=True)
     w = layer.weight
-    first = _dequantize_4bit(layer, spec)
+    first = dequantize_4bit(layer, spec)
     assert torch.equal(first, bnb_dequantize(w.data, w.quant_state).to(first.dtype))
     assert "_distsft_dequantizer" in layer.__dict__
     wide = torch.zeros(first.shape[0], first.shape[1] + 8, dtype=first.dtype)
-    assert torch.equal(_dequantize_4bit(layer, spec, out=wide[:, :first.shape[1]]), first)  # the cached one
+    assert torch.equal(dequantize_4bit(layer, spec, out=wide[:, :first.shape[1]]), first)  # the cached one
     # a different weight of the same shape, quantized on its own
     other = bnb.nn.Params4bit(torch.randn(first.shape) * 3, requires_grad=False, quant_type=w.quant_type,
                               compress_statistics=w.compress_statistics, blocksize=w.blocksize,
                               quant_storage=w.quant_storage)._quantize(w.device)
     layer.weight = other
-    second = _dequantize_4bit(layer, spec)
+    second = dequantize_4bit(layer, spec)
     assert torch.equal(second, bnb_dequantize(other.data, other.quant_state).to(second.dtype))
     assert not torch.equal(second, first)

@@ -97,6 +97,8 @@ def test_resume_equals_uninterrupted_run_bitwise(runs):
     # The tracker run continues: one run id across both pieces.
     events = [json.loads(x) for x in (runs["resumed"] / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resumed" for e in events)
+    loads = [e["checkpoint/load_s"] for e in events if "checkpoint/load_s" in e]  # the resume's load time
+    assert len(loads) == 1 and loads[0] > 0
 
 
 def test_resumed_summary_covers_the_whole_run(runs):
@@ -117,21 +119,23 @@ def test_adapter_reloads_with_peft_and_gives_identical_logits(runs):
     from peft import PeftModel
 
     from distsft.checkpoint import load_checkpoint
-    from distsft.config import LoraConfig, ModelConfig, TrainConfig
+    from distsft.config import KernelsConfig, LoraConfig, ModelConfig, TrainConfig
+    from distsft.loss import select_loss_fn
     from distsft.model import CausalLMWithLoss, add_lora, load_base_model
     from distsft.optim import build_optimizer
 
     cfg = ModelConfig(init_from_config=str(runs["model_dir"]), dtype="float32", attn_implementation="eager")
     cpu = torch.device("cpu")
-    trained = CausalLMWithLoss(add_lora(load_base_model(cfg, cpu, seed=42), LoraConfig(r=8)))
+    loss_fn = select_loss_fn(KernelsConfig(backend="torch"))
+    trained = CausalLMWithLoss(add_lora(load_base_model(cfg, cpu, seed=42), LoraConfig(r=8)), loss_fn)
     opt = build_optimizer(trained, TrainConfig(), cpu)
     load_checkpoint(runs["full"] / "checkpoints" / "step-00000006", model=trained, optimizer=opt, scheduler=None)
     reloaded = PeftModel.from_pretrained(load_base_model(cfg, cpu, seed=42), str(runs["full"] / "adapter"))
     untrained = add_lora(load_base_model(cfg, cpu, seed=42), LoraConfig(r=8))
     ids = torch.randint(5, 2000, (2, 32), generator=torch.Generator().manual_seed(0))
-    a = CausalLMWithLoss(reloaded.eval()).logits(ids)
+    a = CausalLMWithLoss(reloaded.eval(), loss_fn).logits(ids)
     assert torch.equal(a, trained.eval().logits(ids))
-    assert not torch.allclose(a, CausalLMWithLoss(untrained.eval()).logits(ids))  # training changed it
+    assert not torch.allclose(a, CausalLMWithLoss(untrained.eval(), loss_fn).logits(ids))  # training changed it
 
 
 def test_merged_export_matches_adapter(runs):

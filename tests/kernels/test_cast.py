@@ -1,4 +1,4 @@
-"""cast_concat (kernels/cast.py) against torch's cat and cast: bitwise equal, 1 to 8 tensors, odd sizes,
+"""cast_concat (kernels/distsft_kernels/cast.py) against torch's cat and cast: bitwise equal, 1 to 8 tensors, odd sizes,
 every source and target dtype, signed zeros and infinities carried through, NaN kept NaN; fresh inputs per test."""
 
 import distsft_kernels as K
@@ -61,7 +61,7 @@ def test_bad_inputs_are_named(device):
 
 
 def test_host_launch_arithmetic_matches_triton():
-    """kernels/_common.py's cdiv and next_pow2 (plain Python on every launch) against Triton's own."""
+    """kernels/distsft_kernels/_common.py's cdiv and next_pow2 (plain Python on every launch) against Triton's own."""
     import triton
     from distsft_kernels._common import cdiv, next_pow2
 

@@ -78,25 +78,6 @@ def test_bf16_compute_with_fp32_adapters(device):
         assert err <= 3 * err_peft + 1e-6 * h.abs().max().item(), (i, err, err_peft)
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_external_base_output(dtype, residual, device):
-    """A base computed elsewhere (a 4-bit layer's output): its gradient passes through unchanged, and x
-    gets the LoRA part here plus the base part through the base's own graph; with a residual, the sum
-    and the residual's gradient as HF's add gives them."""
-    x, ws, _, a, b, s = _inputs((6,), 80, [(48, 4), (48, 8)], device)
-    rs = [torch.randn(6, 48, device=device) for _ in range(2)]
-
-    def run(fn, x, w0, w1, a0, a1, b0, b1, *r):
-        base = [x @ w0.t(), torch.tanh(x @ w1.t())]  # any differentiable base
-        return fn(x, [a0, a1], [b0, b1], s, base_outs=base, residuals=list(r) if r else None)
-
-    inputs = [x, *ws, *a, *b, *(rs if residual else [])]
-    check_against_reference("lora external base", lambda *t: run(lora_projections, *t),
-                            lambda *t: run(lora_projections_ref, *t), inputs, dtype,
-                            requires_grad=[True] * len(inputs))
-
-
 @pytest.mark.parametrize("keep", [False, True], ids=["dequantized-twice", "kept"])
 def test_callable_weights(keep, device):
     """Weights given as callables (4-bit bases): called in the forward and again in the backward, or once
@@ -190,8 +171,8 @@ def test_concatenated_k_path_only_where_it_pays(device):
 
 def test_errors(device):
     x, ws, _, a, b, s = _inputs((3,), 16, [(8, 2)], device)
-    with pytest.raises(ValueError, match="exactly one of weights"):
-        lora_projections(x, a, b, s)
+    with pytest.raises(ValueError, match="one base weight"):
+        lora_projections(x, a, b, s, weights=[None])
     with pytest.raises(ValueError, match="must be frozen"):
         lora_projections(x, a, b, s, weights=[ws[0].requires_grad_()])
 
@@ -210,39 +191,6 @@ def test_llama3_8b_qkv_group(cuda):
     outs_s = lora_projections_ref(x, a, b, [2.0] * 3, weights=ws)
     for i, (k, s_, h) in enumerate(zip(outs_k, outs_s, outs_h, strict=True)):
         assert_close_to_reference(f"qkv output {i}", k, s_, h)
-
-
-@pytest.mark.parametrize("callable_weights", [False, True], ids=["tensor-weights", "callable-weights"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_residual_added_by_the_base_gemm(case, dtype, callable_weights, device):
-    """residuals= (a pre-norm layer's o and down projections): y_i + r_i against HF's `residual + out`,
-    values and every gradient, the residual's included; with callable (4-bit-like) weights the group can take
-    the one-GEMM [x | s mid] path, which reads the residual the same way."""
-    shape, d_in, projs = CASES[case]
-    x, ws, _, a, b, _ = _inputs(shape, d_in, projs, device)
-    s = [1.5] * len(projs)  # one scaling: the [x | s mid] path where the outputs are wider than x
-    rs = [torch.randn(*shape, o, device=device) for o, _ in projs]
-    n = len(projs)
-
-    def call(fn, kernel):
-        def run(x, *t):
-            ws_, rs_, a_, b_ = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:]
-            if kernel and callable_weights:
-                ws_ = [lambda out=None, w=w: w.clone() if out is None else out.copy_(w) for w in ws_]
-            return fn(x, list(a_), list(b_), s, weights=list(ws_), residuals=list(rs_))
-        return run
-
-    inputs = [x, *ws, *rs, *a, *b]
-    frozen = [True] + [False] * n + [True] * (3 * n)  # W frozen; x, the residuals and the adapters train
-    check_against_reference("lora+residual", call(lora_projections, True), call(lora_projections_ref, False),
-                            inputs, dtype, requires_grad=frozen)
-
-
-def test_residual_of_the_wrong_width_is_refused(device):
-    x, ws, _, a, b, s = _inputs((3,), 16, [(8, 2)], device)
-    with pytest.raises(ValueError, match="residual has 7 features, the output 8"):
-        lora_projections(x, a, b, s, weights=ws, residuals=[torch.zeros(3, 7, device=device)])
 
 
 @pytest.mark.parametrize("one_scaling", [False, True], ids=["scalings-differ", "one-scaling"])
@@ -267,7 +215,7 @@ def test_input_with_spare_columns_is_the_same_computation(dtype, one_scaling, de
         ai = [t.clone().to(dtype).requires_grad_() for t in a]
         bi = [t.clone().to(dtype).requires_grad_() for t in b]
         fns = [lambda out=None, w=w: w.to(dtype).clone() if out is None else out.copy_(w) for w in ws]
-        from distsft_kernels.lora import spare_columns
+        from distsft_kernels._common import spare_columns
 
         ext = spare_columns(xn, 12)  # the same storage, to look at afterwards (not claimed)
         outs = lora_projections(xn, ai, bi, s, weights=fns)
@@ -306,3 +254,24 @@ def test_spare_columns_are_handed_out_once(device):
         grads.append(torch.autograd.grad(loss, [hi, *ai, *bi]))
     for i, (t, u) in enumerate(zip(*grads, strict=True)):
         assert torch.equal(t, u), i
+
+
+def test_spare_columns_switched_off(device, monkeypatch):
+    """`_common.SPARE_COLUMNS = False`: rms_norm ignores spare_cols (a plain output, no columns to hand out),
+    and the fused projections build [x | mid] by concatenation: the same values."""
+    import distsft_kernels as K
+
+    if not K.HAS_TRITON:
+        pytest.skip("rms_norm's spare columns need the Triton kernel")
+    from distsft_kernels import _common
+
+    x, ws, _, a, b, s = _inputs((3, 7), 32, [(48, 4), (48, 4)], device)
+    norm_w = torch.randn(32, device=device)
+    fns = [lambda out=None, w=w: w.clone() if out is None else out.copy_(w) for w in ws]
+    on = lora_projections(K.rms_norm(x, norm_w, 1e-6, spare_cols=8), a, b, s, weights=fns)
+    monkeypatch.setattr(_common, "SPARE_COLUMNS", False)
+    xn = K.rms_norm(x, norm_w, 1e-6, spare_cols=8)
+    assert xn.is_contiguous() and _common.spare_columns(xn, 8) is None
+    off = lora_projections(xn, a, b, s, weights=fns)
+    for t, u in zip(on, off, strict=True):
+        assert torch.equal(t, u)

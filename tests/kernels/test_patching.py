@@ -10,8 +10,10 @@ import transformers
 from kernel_tolerances import DEVICE, assert_model_close
 from peft import LoraConfig, get_peft_model
 
+from distsft.census import use_triton
 from distsft.config import KernelsConfig
-from distsft.patching import ARCHITECTURES, _use_triton, apply_kernels, revert_kernels, select_loss_fn
+from distsft.loss import select_loss_fn
+from distsft.patching import ARCHITECTURES, apply_kernels, revert_kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy exp, interpreter
 
@@ -177,9 +179,9 @@ def test_unsupported_activation_error_and_warn(caplog):
 
 def test_triton_backend_insists():
     with pytest.raises(RuntimeError, match="backend=triton"):
-        _use_triton("triton", torch.empty(1, device="meta"))
-    assert not _use_triton("auto", torch.empty(1, device="meta"))
-    assert not _use_triton("torch", torch.empty(1))
+        use_triton("triton", torch.empty(1, device="meta"))
+    assert not use_triton("auto", torch.empty(1, device="meta"))
+    assert not use_triton("torch", torch.empty(1))
 
 
 @pytest.mark.parametrize("kind", ["fused", "ce", "reference"])
@@ -280,7 +282,7 @@ def test_census_counts_what_ran_and_names_each_fallback():
     runs ours (Triton, or the interpreter here; the LoRA groups fused), and a LoRA layer that carries a
     module hook (what DeepSpeed ZeRO-3's per-module gathering puts on it) runs peft's forward, named with
     the reason. Before, `apply_kernels`' report counted the patched layers whatever ran."""
-    from distsft.patching import record_kernels
+    from distsft.census import record_kernels
 
     model = _lora_model("llama")
     report = apply_kernels(model, KernelsConfig())
@@ -309,7 +311,7 @@ def test_census_counts_what_ran_and_names_each_fallback():
 
 def test_census_names_the_reference_backend():
     """`kernels.backend=torch` runs the references: counted as such, with the reason in the warning."""
-    from distsft.patching import record_kernels
+    from distsft.census import record_kernels
 
     model = _lora_model("llama")
     report = apply_kernels(model, KernelsConfig(backend="torch"))
@@ -327,9 +329,9 @@ def test_pretrained_model_keeps_our_forwards_through_train(tmp_path):
     removed the RMSNorm forward distsft bound to each instance: the trainer's `model.train()` silently put
     transformers' RMSNorm back (the kernel census of a QLoRA run found it). A model built from a saved
     checkpoint, switched to training, runs every patched kernel."""
+    from distsft.census import record_kernels
     from distsft.config import LoraConfig, ModelConfig
     from distsft.model import build_model
-    from distsft.patching import record_kernels
 
     make, _ = CONFIGS["llama"]
     transformers.AutoModelForCausalLM.from_config(make()).save_pretrained(tmp_path / "saved")

@@ -77,7 +77,7 @@ def test_rms_norm_llama3_8b_shape(dtype, cuda):
 
 @pytest.mark.gpu
 def test_launches_after_the_first_call_the_compiled_kernel_directly(cuda, monkeypatch):
-    """Later calls with the same specialization skip Triton's launch path (kernels/_common.py `Launcher`):
+    """Later calls with the same specialization skip Triton's launch path (distsft_kernels/_common.py `Launcher`):
     only the first of three goes through `kernel[grid]`, and every one computes the reference's values,
     on fresh inputs each time."""
     import importlib
@@ -131,3 +131,17 @@ def test_direct_launches_still_call_a_registered_launch_hook(cuda, monkeypatch):
     rms_norm(x, w, 1e-5)
     assert len(seen) == 1 and "rms_norm" in str(seen[0]), seen
     torch.testing.assert_close(y, rms_norm_ref(x, w, 1e-5), rtol=0.016, atol=0.016)
+
+
+def test_direct_c_launch_is_gated_by_flag_and_triton_release(monkeypatch):
+    """Triton's internal C launcher is called only with `DIRECT_C_LAUNCH` on and on a Triton release of
+    `DIRECT_C_LAUNCH_TRITON`; otherwise `_c_launcher` declines before touching the compiled kernel, and
+    launches go through `compiled[grid](...)`. (CPU: only the gate; the launch itself is `-m gpu`.)"""
+    import distsft_kernels._common as C
+
+    current = C._triton_release()
+    monkeypatch.setattr(C, "DIRECT_C_LAUNCH_TRITON", ((0, 0), (0, 1)))
+    assert C._c_launcher(object(), ()) is None  # a release it was not checked on
+    monkeypatch.setattr(C, "DIRECT_C_LAUNCH_TRITON", (current, (current[0], current[1] + 1)))
+    monkeypatch.setattr(C, "DIRECT_C_LAUNCH", False)
+    assert C._c_launcher(object(), ()) is None  # switched off

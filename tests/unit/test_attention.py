@@ -7,7 +7,9 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from distsft import attention
-from distsft.data import check_packing_isolation, packed_attention_kwargs
+from distsft.attention import check_packing_isolation, packed_attention_kwargs
+from distsft.config import KernelsConfig
+from distsft.loss import select_loss_fn
 from distsft.model import CausalLMWithLoss
 
 attention.register()
@@ -26,7 +28,8 @@ def _pair(device="cpu", dtype=torch.float32):
         m.config.use_cache = False
         lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
         torch.manual_seed(1)
-        models.append(CausalLMWithLoss(get_peft_model(m, lora)).to(device))
+        loss_fn = select_loss_fn(KernelsConfig(backend="torch"))  # the reference loss
+        models.append(CausalLMWithLoss(get_peft_model(m, lora), loss_fn).to(device))
     return models
 
 

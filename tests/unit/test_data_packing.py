@@ -1,6 +1,6 @@
 """Packing: best-fit-decreasing plan, packed rows (positions restart, targets never cross documents),
 collate, the document mask and cu_seqlens, packed == unpacked loss and LoRA gradients on a tiny Llama
-(eager and sdpa), and the startup isolation self-check."""
+(eager and sdpa), and the startup isolation self-check (those three from distsft/attention.py)."""
 
 import re
 
@@ -10,17 +10,15 @@ import torch
 import torch.nn.functional as F
 from data_fixtures import byte_tokenizer, cfg, write_jsonl
 
-from distsft.data import (
+from distsft.attention import (
     PackingIsolationError,
-    build_datasets,
     check_packing_isolation,
-    collate,
     cu_seqlens_from_position_ids,
     document_attention_mask,
     document_ids,
-    pack_best_fit_decreasing,
     packed_attention_kwargs,
 )
+from distsft.data import build_datasets, collate, pack_best_fit_decreasing
 
 # ---------------------------------------------------------------------------------------------------
 # The plan

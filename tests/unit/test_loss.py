@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from distsft.config import LoraConfig, ModelConfig
-from distsft.loss import backward_scale, count_targets
+from distsft.config import KernelsConfig, LoraConfig, ModelConfig
+from distsft.loss import backward_scale, count_targets, select_loss_fn
 from distsft.model import CausalLMWithLoss, add_lora, load_base_model
 
 
@@ -16,7 +16,7 @@ def tiny_lora_model(model_dir, seed=0):
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    return CausalLMWithLoss(peft_model)
+    return CausalLMWithLoss(peft_model, select_loss_fn(KernelsConfig(backend="torch")))  # the reference loss
 
 
 def make_batch(lengths, vocab, seed, mask_prompt=3):
@@ -105,7 +105,7 @@ def test_first_step_loss_and_grads_equal_hf_peft_labels_loss(tiny_model_dir):
 def test_host_target_index_gives_the_same_loss_and_gradients(tiny_model_dir):
     """train.to_device passes `target_index` computed from the host labels (no sync in the loss): the loss,
     the count and every gradient equal those of the in-model selection; an index on another device is refused."""
-    from distsft.model import target_indices
+    from distsft.loss import target_indices
     from distsft.train import to_device
 
     model = tiny_lora_model(tiny_model_dir)

@@ -8,6 +8,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
+import distsft.fused_lora as fused_lora
 import distsft.patching as patching
 from distsft.config import KernelsConfig
 from distsft.offload import device_checkpoint, offloaded_checkpoint
@@ -66,13 +67,13 @@ def test_patched_recompute_skips_the_down_projection(fn, monkeypatch):
     """With our kernels (fused LoRA, patched MLP) the recompute computes the down projection's LoRA input
     but not its output; loss and gradients still equal the uncheckpointed patched model's."""
     calls = []
-    real = patching._fused_lora
+    real = fused_lora.fused
 
     def spy(x, modules, values_unused=False, **kw):
         calls.append(values_unused)
         return real(x, modules, values_unused, **kw)
 
-    monkeypatch.setattr(patching, "_fused_lora", spy)
+    monkeypatch.setattr(fused_lora, "fused", spy)
     model, plain = _models(0.0, fn, KernelsConfig())
     loss, grads = _step(model, seed=7)
     layers = CONFIG["num_hidden_layers"]

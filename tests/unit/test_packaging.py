@@ -1,11 +1,16 @@
-"""The `kernels/` folder must never be importable as `kernels` (DESIGN.md naming hazard): that name is
-the PyPI package transformers and bitsandbytes probe for. It installs as `distsft_kernels`."""
+"""The Triton kernels are the package `distsft_kernels` in `kernels/distsft_kernels/`; the top-level `kernels/`
+folder holds no `__init__.py`, so it never shadows the PyPI package `kernels` (DESIGN.md naming hazard),
+which transformers and bitsandbytes import when it is present, not even with the repository root first on
+sys.path: `python -m pytest` from the root, scripts run from it."""
 
+import importlib.machinery
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+OURS = REPO / "kernels" / "distsft_kernels"
 
 PROBE = """
 import sys
@@ -17,7 +22,7 @@ except ImportError as e:
 else:
     print("FILE", getattr(kernels, "__file__", None))
 from transformers.utils import import_utils
-print("PROBE", import_utils._is_package_available("kernels", return_version=True))
+print("AVAILABLE", import_utils.is_kernels_available())
 import distsft_kernels
 print("DISTSFT_KERNELS", distsft_kernels.__file__)
 """
@@ -30,20 +35,58 @@ def _probe() -> dict[str, str]:
     return dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
 
 
+def _installed_kernels() -> bool:
+    """The PyPI `kernels` is installed (found on sys.path without the repository root)."""
+    path = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    return spec is not None and spec.origin is not None
+
+
+def test_the_kernels_folder_is_not_a_package():
+    """The root offers `kernels` only as a namespace portion, which any installed `kernels` beats whatever
+    the order of sys.path, and which transformers reads as absent."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    spec = importlib.machinery.PathFinder.find_spec("kernels", [str(REPO)])
+    assert spec is not None and spec.origin is None and spec.loader is None  # a namespace portion only
+    assert (OURS / "__init__.py").is_file()
+
+
 def test_import_kernels_does_not_resolve_to_our_folder():
-    """Also the regression for the GPU machine's crash: transformers 5.17 imports `kernels` unguarded when
-    it finds one on sys.path without metadata, so the folder must not raise when imported by that name."""
+    """Also the regression for the GPU machine's crash: transformers 5.17 imports `kernels` when it finds
+    one on sys.path without metadata, so what the root offers under that name must import cleanly."""
     lines = _probe()
-    ours = (REPO / "kernels").resolve()
-    if "FILE" in lines:  # another `kernels` (the PyPI one, if installed) or an empty placeholder; never ours
-        path = lines["FILE"]
-        assert path == "None" or not Path(path).resolve().is_relative_to(ours), f"`import kernels` gave {path}"
-    else:
-        assert "IMPORTERROR" in lines
-    if "FILE" in lines and lines["FILE"] == "None":  # the placeholder reads as "not installed"
-        assert lines["PROBE"].startswith("(False")
+    if _installed_kernels():  # the PyPI package wins over the namespace portion
+        assert not Path(lines["FILE"]).resolve().is_relative_to(REPO), lines
+    else:  # absent, or the root's folder as an empty namespace package: absent for transformers
+        assert "IMPORTERROR" in lines or lines["FILE"] == "None", lines
+        assert lines["AVAILABLE"] == "False", lines
     # editable install: our folder; regular install: site-packages/distsft_kernels
-    assert Path(lines["DISTSFT_KERNELS"]).resolve().parent.name in ("kernels", "distsft_kernels")
+    assert Path(lines["DISTSFT_KERNELS"]).resolve().parent.name == "distsft_kernels"
+
+
+def test_import_view_of_this_process():
+    """Whichever way pytest started: `kernels` is never our folder, `distsft_kernels` is our package. Run by
+    the next test under `python -m pytest` from the root, where the root is on sys.path."""
+    import distsft_kernels
+
+    if os.environ.get("DISTSFT_EXPECT_ROOT_ON_PATH"):
+        assert any(Path(p or ".").resolve() == REPO for p in sys.path), sys.path
+    try:
+        import kernels
+    except ImportError:
+        kernels = None
+    where = getattr(kernels, "__file__", None)
+    assert where is None or not Path(where).resolve().is_relative_to(REPO), where
+    assert Path(distsft_kernels.__file__).resolve().parent.name == "distsft_kernels"
+
+
+def test_python_m_pytest_from_the_repository_root():
+    """`python -m pytest` from the root (the root first on sys.path) imports what `pytest` does."""
+    env = {**os.environ, "DISTSFT_EXPECT_ROOT_ON_PATH": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{Path(__file__).relative_to(REPO)}::test_import_view_of_this_process"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def _requirements() -> dict:

@@ -12,8 +12,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from distsft.attention import packed_attention_kwargs
 from distsft.config import ConfigError, KernelsConfig, LoraConfig, ModelConfig, load_config
-from distsft.data import packed_attention_kwargs
 from distsft.model import build_model
 from distsft.recompute import (
     GIB,

@@ -3,7 +3,7 @@
 # between the two GPUs, then the 2-GPU DDP run of launch/bench_multigpu.py's scaling phase, then the same
 # trainer run as two independent 1-GPU jobs at once (no communication: what sharing the host costs).
 #
-#   bash launch/tools/ddp_contention.sh DATA.json [WORKDIR]    # WORKDIR default /tmp/mg, reused if present
+#   bash launch/tools/probes/ddp_contention.sh DATA.json [WORKDIR]    # WORKDIR default /tmp/mg, reused if present
 #
 # Prints the all-reduce times, the DDP row, and each solo job's median step / forward+backward / optimizer
 # time over steps 4-13 (the trainer's metrics.jsonl).
@@ -11,7 +11,7 @@ set -euo pipefail
 data=${1:?usage: ddp_contention.sh DATA.json [WORKDIR]}
 work=${2:-/tmp/mg}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-here=$(cd "$(dirname "$0")/../.." && pwd)
+here=$(cd "$(dirname "$0")/../../.." && pwd)
 mkdir -p "$work"
 cat > "$work/allreduce.py" <<'EOF'
 import time, torch, torch.distributed as dist

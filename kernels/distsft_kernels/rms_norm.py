@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launcher, cast_out, num_programs, row_block
-from .lora import with_spare_cols
+from . import _common
+from ._common import Launcher, cast_out, num_programs, row_block, with_spare_cols
 
 
 @triton.jit
@@ -112,10 +112,8 @@ def _bwd_config(n_rows: int, n_cols: int, need_dw: bool, n_sms: int) -> tuple[in
     Row blocks of ~8K elements (2 rows of 4096), 16 warps for blocks that large. Without dw: one row block
     per program, the hardware keeping many programs per SM in flight. With dw: a persistent grid of ~16
     warps per SM (one program of 16 warps), each program walking its contiguous share of the row blocks
-    with the next block's loads in flight, so the (programs, d) fp32 partials stay small (~2 MB).
-    H100, 16384 x 4096 bf16, kernel alone (launch/results/kernels_h100.md): 134 us without dw (100% of
-    copy bandwidth); 151 us with dw, partial sum included (89%; 2-4 programs per SM: 154-164 us; the
-    previous 4 row blocks per program with ~2K partials: 197 us).
+    with the next block's loads in flight, so the (programs, d) fp32 partials stay small (~2 MB). What
+    each choice measured: launch/results/kernel_costs_h100.md.
     """
     block_n, block_m, warps = row_block(n_cols, max_elems=8192)
     if block_n * block_m >= 8192:
@@ -186,10 +184,10 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the last dim. Llama: `rms_norm(x, w, eps)`; Gemma: `offset=1.0, casting="gemma"`.
 
-    `spare_cols` > 0: each output row is followed by that many columns of the output's storage that no
-    element covers (the output is row-strided, not a view): `spare_columns(y, width)` hands them to the
-    next op, the fused LoRA projections (kernels/lora.py), which write their rank-R input projection there instead of
-    copying y into a wider [y | mid] buffer."""
+    `spare_cols` > 0 (and `_common.SPARE_COLUMNS` on): each output row is followed by that many columns of
+    the output's storage that no element covers (the output is row-strided, not a view): `spare_columns(y,
+    width)` hands them to the next op, the fused LoRA projections (lora.py), which write their
+    rank-R input projection there instead of copying y into a wider [y | mid] buffer."""
     if casting not in ("llama", "gemma"):
         raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")
     if weight.shape != (x.shape[-1],):
@@ -197,6 +195,8 @@ def rms_norm(
     spare_cols = int(spare_cols)
     if spare_cols < 0:
         raise ValueError(f"spare_cols must be >= 0, got {spare_cols}")
+    if not _common.SPARE_COLUMNS:
+        spare_cols = 0
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # no node to record
         return rms_norm_forward(x, weight, float(eps), float(offset), casting == "gemma", spare_cols)[0]
     return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma", spare_cols)

@@ -3,10 +3,10 @@ width, nested absmax, 16 arguments, few rows so that the GPU keeps up) costs the
 path, against two plain torch ops for scale. A QLoRA step makes ~1,000 Triton launches and is host-bound,
 so microseconds here are milliseconds per step.
 
-    python launch/tools/launch_overhead.py [--n 20000]
+    python launch/tools/probes/launch_overhead.py [--n 20000]
 
 Rows: Triton's own `kernel[grid](...)`; `Launcher` calling the compiled kernel's runner
-(`compiled[grid](...)`); `Launcher` calling the C launcher directly (kernels/_common.py); the whole
+(`compiled[grid](...)`); `Launcher` calling the C launcher directly (kernels/distsft_kernels/_common.py); the whole
 `dequantize_4bit(..., out=)` (argument checks, then the launch); a `Dequantizer` built once and called
 with `out` (what distsft's 4-bit layers do); and `torch.empty` / `Tensor.add_`.
 """
@@ -14,11 +14,7 @@ with `out` (what distsft's 4-bit layers do); and `torch.empty` / `Tensor.add_`.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def per_call_us(fn, n: int) -> float:

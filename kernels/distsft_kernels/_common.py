@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel files: where Triton can run, launch sizes, program counts.
+"""Helpers shared by the kernel files: where Triton can run, launch sizes, program counts, the launcher,
+and the spare-columns protocol between rms_norm and the fused LoRA projections.
 
 Triton decides at decoration time (`@triton.jit`) whether a kernel is compiled for a GPU or run by its
 CPU interpreter: `TRITON_INTERPRET=1` must be set before the kernel modules are imported. `INTERPRETED`
@@ -57,7 +58,8 @@ def num_programs(device: torch.device, default: int = 4) -> int:
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code on every launch. `triton.cdiv` and `triton.next_power_of_2` are constexpr
-    functions in Triton >= 3.5 (callable inside kernels too): ~5-10 us of host time per call from Python."""
+    functions in Triton >= 3.5 (callable inside kernels too), slow to call from Python on every launch
+    (launch/results/kernel_costs_h100.md)."""
     return -(-a // b)
 
 
@@ -81,16 +83,31 @@ def row_block(n_cols: int, max_elems: int = 8192) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------
 # Launching. `kernel[grid](*args, **meta)` re-derives, on every call, how each argument specializes the
 # kernel (16-byte alignment of each pointer, each integer's value class, the constexprs) and looks the
-# compiled kernel up: ~20-50 us of host time per launch on the GPU machine, where a LoRA step with
-# recomputation makes ~1,000 such launches and its host time is what the GPU waits on. `Launcher` keys the
-# compiled kernel on those same properties (each integer's whole value, a superset of what Triton
-# distinguishes), lets Triton's own launch compile it the first time a key is seen, and afterwards calls
-# the compiled kernel directly: through the compiled kernel's C launcher where this Triton's objects have
-# the expected shape (Triton 3.6's `CompiledKernel.run.launch`, no scratch memory; a launch made while a
-# Triton launch hook is registered goes through the runner), else through `compiled[grid](...)`. Each
-# direct call is checked once per process on a probe kernel (pointer, integer, float and constexpr
-# arguments; a wrong argument order or a stale value would show) and given up, with a warning, if it fails
-# or differs: then every launch takes Triton's path.
+# compiled kernel up: tens of microseconds of host time per launch on a GPU host (kernel_costs_h100.md),
+# where a LoRA step with recomputation makes ~1,000 such launches and its host time is what the GPU waits
+# on. `Launcher` keys the compiled kernel on those same properties (each integer's whole value, a superset
+# of what Triton distinguishes), lets Triton's own launch compile it the first time a key is seen, and
+# afterwards calls the compiled kernel directly: through the compiled kernel's C launcher where
+# `DIRECT_C_LAUNCH` allows it (Triton's internal `CompiledKernel.run.launch`, whose argument list changes
+# between releases: only on the releases in `DIRECT_C_LAUNCH_TRITON`, with no scratch memory; a launch
+# made while a Triton launch hook is registered goes through the runner), else through
+# `compiled[grid](...)`. Each direct call is checked once per process on a probe kernel (pointer, integer,
+# float and constexpr arguments; a wrong argument order or a stale value would show) and given up, with a
+# warning, if it fails or differs: then every launch takes Triton's path.
+
+DIRECT_C_LAUNCH = True
+"""Call Triton's internal C launcher directly (on the releases of `DIRECT_C_LAUNCH_TRITON` only). False:
+the compiled kernel's own `compiled[grid](...)` after the first launch, still without the per-call
+specialization."""
+
+DIRECT_C_LAUNCH_TRITON = ((3, 6), (3, 7))
+"""[first, end) Triton releases whose `CompiledKernel.run.launch` argument list `_c_launcher` was written
+and checked against on a GPU (3.6). Widen it after `pytest -m gpu tests/kernels` passes on another."""
+
+
+def _triton_release() -> tuple[int, int]:
+    major, minor = (triton.__version__.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int(minor)
 
 
 @triton.jit
@@ -119,7 +136,10 @@ def _c_launcher(compiled, tail: tuple):
     registered (Triton 3.6 passes its two empty hook chains, which the C launcher then calls on every launch).
     A launch made while a hook is registered (Triton's profiler) goes through `compiled[grid](...)`. None
     where this Triton's objects differ from what this expects or the call needs more than the plain
-    launch (scratch memory)."""
+    launch (scratch memory), and where `DIRECT_C_LAUNCH` is off or this Triton is not one it was checked on."""
+    first, end = DIRECT_C_LAUNCH_TRITON
+    if not (DIRECT_C_LAUNCH and first <= _triton_release() < end):
+        return None
     try:
         from triton import knobs
 
@@ -223,3 +243,52 @@ def _check_direct() -> bool:
                       RuntimeWarning, stacklevel=3)
         _direct_ok = False
     return _direct_ok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spare columns: rms_norm's output rows followed by room for the fused LoRA's [x | mid] (lora.py).
+# The norm before a fused q/k/v or gate/up group on 4-bit bases leaves R = sum of the group's ranks
+# writable columns after each row; the group writes mid = [s_i x A_i^T] there and runs one GEMM over
+# [x | mid] with no copy of x. Off (`SPARE_COLUMNS = False`): rms_norm makes plain outputs and the group
+# builds [x | mid] by concatenation; the results are the same bit for bit (tests/kernels/test_lora.py).
+
+SPARE_COLUMNS = True
+"""rms_norm honours `spare_cols` (read at each call)."""
+
+SPARE_COLS_ATTR = "_distsft_spare_cols"
+"""Set on a tensor made by `with_spare_cols` (rms_norm's `spare_cols`): how many writable columns follow
+each of its rows."""
+
+
+def with_spare_cols(shape, spare: int, dtype, device) -> torch.Tensor:
+    """A tensor of `shape` whose rows (last dim) are each followed by `spare` columns of its own storage
+    that no tensor element covers. Not a view (no autograd view base, its own version counter): writing
+    those columns through another tensor on the same storage leaves this one's values and version as
+    they are."""
+    d = shape[-1]
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    storage = torch.empty(rows * (d + spare), dtype=dtype, device=device).untyped_storage()
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = (d + spare) if i == len(shape) - 2 else strides[i + 1] * shape[i + 1]
+    y = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, tuple(shape), tuple(strides))
+    setattr(y, SPARE_COLS_ATTR, spare)
+    return y
+
+
+def spare_columns(x: torch.Tensor, width: int, claim: bool = False) -> torch.Tensor | None:
+    """For x made by `rms_norm(..., spare_cols >= width)`: the (rows, d + width) matrix of its rows and the
+    `width` spare columns after each, on x's storage (for the fused LoRA's [x | mid]: mid written there,
+    no copy of x), else None. `claim`: the caller keeps what it writes there (a saved mid), so x's spare
+    columns are handed out once: a second reader of x (up_proj after gate_proj where they are not fused
+    into one group) gets None and builds its own [x | mid]."""
+    if getattr(x, SPARE_COLS_ATTR, 0) < width or x.dim() < 2 or x.stride(-1) != 1:
+        return None
+    if claim:
+        setattr(x, SPARE_COLS_ATTR, 0)
+    d, stride = x.shape[-1], x.stride(-2)
+    rows = x.numel() // d if d else 0
+    return torch.empty(0, dtype=x.dtype, device=x.device).set_(
+        x.untyped_storage(), x.storage_offset(), (rows, d + width), (stride, 1))

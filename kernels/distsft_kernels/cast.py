@@ -5,7 +5,7 @@ projection group, fp32 master weights read in bf16 by the GEMMs.
 
 `lora_projections` needs, per group and pass, A = cat_i A_i (R, d_in) and each B_i (d_out_i, r_i) in the
 compute dtype: with torch that is a cat and a cast for A and one cast per B, up to five launches for
-q/k/v, each a few microseconds of GPU time and ~10 us of host time. A QLoRA step with recomputation builds
+q/k/v, each costing more host time than GPU time (kernel_costs_h100.md). A QLoRA step with recomputation builds
 them ~200 times, and its host time is what the GPU waits on; here they are one launch, and the caller
 takes (R, d_in) and (d_out_i, r_i) views of the result (row-major tensors laid end to end are their
 concatenation along dim 0). The cast rounds to nearest even, as `Tensor.to` does, so the result is

@@ -1,7 +1,7 @@
 """The packing self-check on a real shape on the GPU, for every attention path: prints the measured
 difference between documents packed into one row and the same documents alone, and the tolerance.
 
-    python launch/tools/check_packing_gpu.py --shape llama3-8b
+    python launch/tools/probes/check_packing_gpu.py --shape llama3-8b
 """
 
 import argparse
@@ -12,12 +12,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distsft import attention
+from distsft.attention import PackingIsolationError, check_packing_isolation, packed_attention_kwargs
 from distsft.config import KernelsConfig
-from distsft.data import PackingIsolationError, check_packing_isolation, packed_attention_kwargs
+from distsft.loss import select_loss_fn
 from distsft.model import CausalLMWithLoss
-from distsft.patching import apply_kernels, select_loss_fn
+from distsft.patching import apply_kernels
 
-SHAPES = Path(__file__).resolve().parents[1] / "shapes"
+SHAPES = Path(__file__).resolve().parents[2] / "shapes"
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ optional frozen bias b_i, trainable fp32 A_i (r_i, d_in), B_i (d_out_i, r_i), sc
 
 Forward:
     A    = cat_i A_i                       (R, d_in), R = sum r_i, in the compute dtype (B_i too): one
-                                           cast-and-concatenate launch for the group's adapters (kernels/cast.py)
+                                           cast-and-concatenate launch for the group's adapters (cast.py)
     mid  = [s_i x @ A_i^T]                 (N, R)        one GEMM for the whole group (one read of x), each
                                                          s_i applied to the fp32 accumulator (alpha, beta=0)
     y_i  = x @ W_i^T + b_i                 (N, d_out_i)  the base GEMM
@@ -16,23 +16,18 @@ Forward:
                                            columns, B_i in its own r_i of the last R (zeros elsewhere; a
                                            callable with `writes_tail` writes them in W's launch), so
                                            the K=r_i GEMM's read and write of every output are gone for one
-                                           copy of x (an 8B gate/up projection at 4,096 tokens on an H100:
-                                           608 + 128 us as two GEMMs, 627 + 27/2 us this way)
-  or, where the base is not a plain weight (a 4-bit bitsandbytes layer computes y0_i itself):
-    y_i  = y0_i + mid_i @ B_i^T
-  and with a residual r_i given (the o and down projections of a pre-norm decoder layer), y_i + r_i: the
-  base GEMM reads r_i in its epilogue (beta=1) instead of a separate add reading and writing the sum.
+                                           copy of x (measured on an H100:
+                                           launch/results/kernel_costs_h100.md)
 Backward (g_i = dL/dy_i, N x d_out_i); mid and gmid carry the scalings, so no gradient needs its own:
     gmid_i = s_i g_i @ B_i                 (N, r_i)        s_i in the GEMM's epilogue, into gmid's columns
     dB_i   = g_i^T @ mid_i                 (d_out_i, r_i)  fp32 output
     dA     = gmid^T @ x                    (R, d_in)       fp32 output, split per projection
     dx     = gmid @ A + sum_i g_i @ W_i    (N, d_in)       each base GEMM accumulates in place (beta=1)
-    dy0_i  = g_i                           (4-bit bases: their own autograd adds g_i @ W_i)
-    dr_i   = g_i
 
 Where x comes from rms_norm(..., spare_cols >= R) (distsft's norms before q/k/v and gate/up), each of its
 rows is followed by R columns of its own storage: mid is written there and [x | mid] is a view of x's
-storage, with no copy of x (`spare_columns`; the columns are handed to the first call only).
+storage, with no copy of x (the spare-columns protocol of _common.py, `SPARE_COLUMNS`; the columns
+are handed to the first call only).
 
 Saved for backward: x (which the caller's graph holds anyway), mid (N x R) and the tiny casted A and B.
 What this replaces (peft 0.21 `lora.Linear.forward` with fp32 adapters): per projection an fp32 copy of x
@@ -70,55 +65,16 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Spare columns: an input whose rows are followed by room for [x | mid]
-
-
-SPARE_COLS_ATTR = "_distsft_spare_cols"
-"""Set on a tensor made by `with_spare_cols` (rms_norm's `spare_cols`): how many writable columns follow
-each of its rows."""
-
-
-def with_spare_cols(shape, spare: int, dtype, device) -> torch.Tensor:
-    """A tensor of `shape` whose rows (last dim) are each followed by `spare` columns of its own storage
-    that no tensor element covers. Not a view (no autograd view base, its own version counter): writing
-    those columns through another tensor on the same storage leaves this one's values and version as
-    they are."""
-    d = shape[-1]
-    rows = 1
-    for n in shape[:-1]:
-        rows *= n
-    storage = torch.empty(rows * (d + spare), dtype=dtype, device=device).untyped_storage()
-    strides = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        strides[i] = (d + spare) if i == len(shape) - 2 else strides[i + 1] * shape[i + 1]
-    y = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, tuple(shape), tuple(strides))
-    setattr(y, SPARE_COLS_ATTR, spare)
-    return y
-
-
-def spare_columns(x: torch.Tensor, width: int, claim: bool = False) -> torch.Tensor | None:
-    """For x made by `rms_norm(..., spare_cols >= width)`: the (rows, d + width) matrix of its rows and the
-    `width` spare columns after each, on x's storage (for the fused LoRA's [x | mid]: mid written there,
-    no copy of x), else None. `claim`: the caller keeps what it writes there (a saved mid), so x's spare
-    columns are handed out once: a second reader of x (up_proj after gate_proj where they are not fused
-    into one group) gets None and builds its own [x | mid]."""
-    if getattr(x, SPARE_COLS_ATTR, 0) < width or x.dim() < 2 or x.stride(-1) != 1:
-        return None
-    if claim:
-        setattr(x, SPARE_COLS_ATTR, 0)
-    d, stride = x.shape[-1], x.stride(-2)
-    rows = x.numel() // d if d else 0
-    return torch.empty(0, dtype=x.dtype, device=x.device).set_(
-        x.untyped_storage(), x.storage_offset(), (rows, d + width), (stride, 1))
-
-
-try:  # one launch for a group's adapter casts where Triton runs (kernels/cast.py); torch ops elsewhere
+try:  # one launch for a group's adapter casts where Triton runs (cast.py); torch ops elsewhere
+    from ._common import spare_columns
     from ._common import triton_can_run as _triton_can_run
     from .cast import MAX_TENSORS as _MAX_CAST
     from .cast import cast_concat as _cast_concat
-except ImportError:  # no Triton on this platform
+except ImportError:  # no Triton on this platform: no rms_norm kernel either, so no input has spare columns
     _cast_concat = None
+
+    def spare_columns(x: torch.Tensor, width: int, claim: bool = False) -> None:
+        return None
 
 
 def _adapters(lora_a, lora_b, dt: torch.dtype, with_b: bool):
@@ -169,7 +125,7 @@ def _scaled_products(a: torch.Tensor, b: torch.Tensor, scalings, ranks, out: tor
     return out
 
 
-def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base_outs, residuals, lora_a, lora_b,
+def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, lora_a, lora_b,
              for_backward: bool = True):
     """The outputs (..., d_out_i) and what the backward reads: (outs, mid, a_cat, b_c, kept weights), where
     mid = [s_i x A_i^T] (N, R) carries the scalings (applied in its GEMM's fp32 epilogue), so that neither
@@ -187,24 +143,20 @@ def _forward(x, scalings, values_unused, keep_dequantized, weights, biases, base
     mid = _scaled_products(x2, a_cat.t(), scalings, ranks,
                            out=None if x_ext is None else x_ext[:, x2.shape[1]:])  # (N, R)
     if concat_k:
-        outs, kept = _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized, x_ext)
+        outs, kept = _forward_concat_k(x2, mid, weights, biases, lora_b, keep_dequantized, x_ext)
     else:
-        outs, kept = _forward_each(x2, mid, weights, biases, base_outs, residuals, b_c, values_unused,
-                                   keep_dequantized)
+        outs, kept = _forward_each(x2, mid, weights, biases, b_c, values_unused, keep_dequantized)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs], mid, a_cat, b_c or [], kept
 
 
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scalings, values_unused, keep_dequantized, *tensors):
-        n = len(scalings)
-        weights, biases, base_outs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
-        residuals, lora_a, lora_b = tensors[3 * n:4 * n], tensors[4 * n:5 * n], tensors[5 * n:]
+        n = len(scalings)  # tensors: W_1..W_n (tensors or callables), b_1..b_n, A_1..A_n, B_1..B_n
+        weights, biases, lora_a, lora_b = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
         outs, mid, a_cat, b_c, kept = _forward(x, scalings, values_unused, keep_dequantized, weights, biases,
-                                               base_outs, residuals, lora_a, lora_b)
-        ctx.has_residual = [r is not None for r in residuals]
+                                               lora_a, lora_b)
         ctx.scalings = scalings
-        ctx.has_weight = [w is not None for w in weights]
         ctx.ranks = [a.shape[0] for a in lora_a]
         ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b, strict=True)]
         weights = [kept.get(i, w) for i, w in enumerate(weights)]
@@ -233,15 +185,11 @@ class _LoRAProjections(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             for i in range(n):
-                if ctx.has_weight[i]:
-                    w = ctx.weight_fns[i]() if ctx.weight_fns[i] is not None else next(weights)
-                    # += g_i @ W_i, in the GEMM's epilogue
-                    grad_x = torch.mm(g2[i], w) if grad_x is None else grad_x.addmm_(g2[i], w)
-            grad_x = torch.mm(gmid, a_cat) if grad_x is None else grad_x.addmm_(gmid, a_cat)  # + gmid @ A
-            grad_x = grad_x.view_as(x)
-        grad_y0 = [None if ctx.has_weight[i] else grads[i] for i in range(n)]
-        grad_r = [grads[i] if ctx.has_residual[i] else None for i in range(n)]
-        return (grad_x, None, None, None, *([None] * n), *([None] * n), *grad_y0, *grad_r, *grad_a, *grad_b)
+                w = ctx.weight_fns[i]() if ctx.weight_fns[i] is not None else next(weights)
+                # += g_i @ W_i, in the GEMM's epilogue
+                grad_x = torch.mm(g2[i], w) if grad_x is None else grad_x.addmm_(g2[i], w)
+            grad_x = grad_x.addmm_(gmid, a_cat).view_as(x)  # + gmid @ A
+        return (grad_x, None, None, None, *([None] * n), *([None] * n), *grad_a, *grad_b)
 
 
 def _scaled_products_each(gs, bs, scalings, ranks) -> torch.Tensor:
@@ -255,40 +203,30 @@ def _scaled_products_each(gs, bs, scalings, ranks) -> torch.Tensor:
     return out
 
 
-def _base(x2, w, bias, residual):
-    """x @ w^T (+ bias) (+ residual, read by the GEMM's epilogue). The GEMMs F.linear would run on 2-D
-    operands, called directly: DeepSpeed ZeRO-3 replaces `torch.nn.functional.linear` process-wide with
-    an autograd Function of its own (a Python layer per call, ~450 per step here, for no change)."""
-    if residual is None:
-        return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-    y = torch.addmm(residual.reshape(-1, residual.shape[-1]), x2, w.t())
-    return y if bias is None else y.add_(bias)
+def _base(x2, w, bias):
+    """x @ w^T (+ bias). The GEMMs F.linear would run on 2-D operands, called directly: DeepSpeed ZeRO-3
+    replaces `torch.nn.functional.linear` process-wide with an autograd Function of its own (a Python
+    layer per call, ~450 per step here, for no change)."""
+    return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
 
 
-def _forward_each(x2, mid, weights, biases, base_outs, residuals, b_c, values_unused: bool,
-                  keep_dequantized: bool):
-    """y_i = x @ W_i^T + b_i (+ r_i), then += mid_i @ B_i^T in place (a K=r_i GEMM with beta=1), per
-    projection, B_i in the compute dtype (b_c). Returns (outputs (N, d_out_i), the kept dequantized weights)."""
-    dt = x2.dtype
+def _forward_each(x2, mid, weights, biases, b_c, values_unused: bool, keep_dequantized: bool):
+    """y_i = x @ W_i^T + b_i, then += mid_i @ B_i^T in place (a K=r_i GEMM with beta=1), per projection,
+    B_i in the compute dtype (b_c). Returns (outputs (N, d_out_i), the kept dequantized weights)."""
     outs, kept, off = [], {}, 0
     for i, b in enumerate(b_c):
         r = b.shape[1]
         mid_i = mid[:, off:off + r]
         off += r
-        if weights[i] is not None and values_unused:  # recompute: only what backward reads
+        if values_unused:  # recompute: only what backward reads
             y = x2.new_empty(x2.shape[0], b.shape[0])
-        elif weights[i] is not None:
+        else:
             w = weights[i]() if callable(weights[i]) else weights[i]  # a 4-bit weight: dequantized now
-            y = _base(x2, w, biases[i], residuals[i])  # (N, d_out_i)
+            y = _base(x2, w, biases[i])  # (N, d_out_i)
             if keep_dequantized and callable(weights[i]):
                 kept[i] = w
             del w
             y.addmm_(mid_i, b.t())
-        else:
-            y0 = base_outs[i].reshape(-1, b.shape[0]).to(dt)
-            if residuals[i] is not None:
-                y0 = y0 + residuals[i].reshape(-1, b.shape[0])
-            y = torch.addmm(y0, mid_i, b.t())
         outs.append(y)
     return outs, kept
 
@@ -301,8 +239,7 @@ def _concat_k(weights, d_outs, d_in: int, values_unused: bool) -> bool:
     return not values_unused and all(callable(w) for w in weights) and sum(d_outs) > d_in
 
 
-def _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequantized: bool,
-                      x_ext: torch.Tensor | None = None):
+def _forward_concat_k(x2, mid, weights, biases, lora_b, keep_dequantized: bool, x_ext: torch.Tensor | None = None):
     """y_i = [x | mid] @ [W_i | B_pad_i]^T (+ b_i) for every projection of the group, where B_pad_i is B_i
     in its own r_i columns of R and zeros in the others: the base and the update in one GEMM, one rounding.
     A callable with `writes_tail` fills the B columns in the same launch as W (`fn(out=, tail=(B_i, col,
@@ -324,27 +261,22 @@ def _forward_concat_k(x2, mid, weights, biases, residuals, lora_b, keep_dequanti
             tail = w_ext[:, d_in:]
             tail.zero_()
             tail[:, col:col + r].copy_(b)
-        outs.append(_base(x_ext, w_ext, biases[i], residuals[i]))
+        outs.append(_base(x_ext, w_ext, biases[i]))
         if keep_dequantized:
             kept[i] = w
         col += r
     return outs, kept
 
 
-def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None, residuals=None,
-                     values_unused: bool = False, keep_dequantized: bool = False):
+def lora_projections(x, lora_a, lora_b, scalings, *, weights, biases=None, values_unused: bool = False,
+                     keep_dequantized: bool = False):
     """y_i = x @ W_i^T + b_i + s_i (x @ A_i^T) @ B_i^T for each i, as one autograd node.
 
     x (..., d_in); lora_a[i] (r_i, d_in), lora_b[i] (d_out_i, r_i) trainable (any float dtype, fp32 for
-    peft); weights[i] (d_out_i, d_in) and biases[i] frozen, or weights[i] None and base_outs[i] (..., d_out_i)
-    the base output computed elsewhere (its gradient is passed through). weights[i] may also be a callable
-    returning the (d_out_i, d_in) weight (a 4-bit weight dequantized on demand: called in the forward and
-    again in the backward, never kept), as `fn()` or as `fn(out=buffer)` to write it into a given
-    (d_out_i, d_in) view with contiguous rows. residuals[i] (..., d_out_i), optional: added to the output
-    (y_i + r_i, the residual sum after a pre-norm layer's o or down projection; its gradient is g_i). The
-    base GEMM reads it, so x W_i^T + r_i is rounded to r_i's grid before the LoRA update is added: in bf16
-    an update under half an ulp of the residual is lost (distsft's patched models pass none; HF's decoder
-    layers add the residual after the projection). Returns a tuple of (..., d_out_i).
+    peft); weights[i] (d_out_i, d_in) and biases[i] frozen. weights[i] may also be a callable returning the
+    (d_out_i, d_in) weight (a 4-bit weight dequantized on demand: called in the forward and again in the
+    backward, never kept), as `fn()` or as `fn(out=buffer)` to write it into a given (d_out_i, d_in) view
+    with contiguous rows. Returns a tuple of (..., d_out_i).
 
     `values_unused`: the caller promises nothing will read the outputs' values, only backpropagate through
     them (a checkpointed layer's recompute, where the last projection feeds only the residual sum that
@@ -356,38 +288,28 @@ def lora_projections(x, lora_a, lora_b, scalings, *, weights=None, biases=None, 
     backward, so its dequantized weights live only that long).
     """
     n = len(lora_a)
-    weights = list(weights) if weights is not None else [None] * n
+    weights = list(weights)
     biases = list(biases) if biases is not None else [None] * n
-    base_outs = list(base_outs) if base_outs is not None else [None] * n
-    residuals = list(residuals) if residuals is not None else [None] * n
+    if len(weights) != n or any(w is None for w in weights):
+        raise ValueError(f"lora_projections: give one base weight (a tensor or a callable) per projection ({n})")
     for i in range(n):
-        r = residuals[i]
-        if r is not None and r.shape[-1] != lora_b[i].shape[0]:
-            raise ValueError(f"projection {i}: residual has {r.shape[-1]} features, the output {lora_b[i].shape[0]}")
-        if (weights[i] is None) == (base_outs[i] is None):
-            raise ValueError(f"projection {i}: give exactly one of weights[i] and base_outs[i]")
         for name, t in (("weight", weights[i]), ("bias", biases[i])):
             if torch.is_tensor(t) and t.requires_grad:
                 raise ValueError(f"projection {i}: the base {name} must be frozen (requires_grad=False)")
     scalings = tuple(float(s) for s in scalings)
     if not torch.is_grad_enabled():  # nothing to record (a checkpointed layer's first forward): no node
-        return tuple(_forward(x, scalings, values_unused, False, weights, biases, base_outs, residuals, lora_a,
-                              lora_b, for_backward=False)[0])
+        return tuple(_forward(x, scalings, values_unused, False, weights, biases, lora_a, lora_b,
+                              for_backward=False)[0])
     return _LoRAProjections.apply(x, scalings, bool(values_unused), bool(keep_dequantized), *weights, *biases,
-                                  *base_outs, *residuals, *lora_a, *lora_b)
+                                  *lora_a, *lora_b)
 
 
-def lora_projections_ref(x, lora_a, lora_b, scalings, *, weights=None, biases=None, base_outs=None, residuals=None):
+def lora_projections_ref(x, lora_a, lora_b, scalings, *, weights, biases=None):
     """peft 0.21's arithmetic: base output in the input dtype, x cast to the adapter dtype, the update
-    computed and added there, the sum cast back; then HF's residual sum (`residual + out`)."""
-    n = len(lora_a)
+    computed and added there, the sum cast back."""
     outs = []
-    for i in range(n):
-        if weights is not None and weights[i] is not None:
-            y = torch.nn.functional.linear(x, weights[i], None if biases is None else biases[i])
-        else:
-            y = base_outs[i]
+    for i in range(len(lora_a)):
+        y = torch.nn.functional.linear(x, weights[i], None if biases is None else biases[i])
         xa = x.to(lora_a[i].dtype)
-        out = (y + (xa @ lora_a[i].t()) @ lora_b[i].t() * scalings[i]).to(y.dtype)
-        outs.append(out if residuals is None or residuals[i] is None else residuals[i] + out)
+        outs.append((y + (xa @ lora_a[i].t()) @ lora_b[i].t() * scalings[i]).to(y.dtype))
     return tuple(outs)

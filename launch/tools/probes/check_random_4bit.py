@@ -1,10 +1,10 @@
 """Build a real-shape model with random weights quantized to 4 bits while they are drawn
-(`model.init_from_config` + `model.load_in_4bit`, distsft.model.build_random_4bit) on one GPU, then train
+(`model.init_from_config` + `model.load_in_4bit`, distsft.qlora.build_random_4bit) on one GPU, then train
 LoRA (our kernels, gradient checkpointing) on it for a few steps on random tokens, outside the trainer.
 Prints JSON lines: build time, memory after the build (LoRA included), the build's peak, then the
 training peak and tokens/s (steps after the first).
 
-    python launch/tools/check_random_4bit.py --shape llama3-70b --steps 3 --tokens 2048
+    python launch/tools/probes/check_random_4bit.py --shape llama3-70b --steps 3 --tokens 2048
 
 The loader holds at most the model built so far plus one decoder layer in bf16 (1.7 GB for llama3-70b),
 never the 140 GB bf16 model. Seen on one H100 80GB (torch 2.11, transformers 5.17, bitsandbytes 0.50.2,
@@ -22,7 +22,7 @@ import torch
 from distsft.config import KernelsConfig, LoraConfig, ModelConfig
 from distsft.model import build_model
 
-SHAPES = Path(__file__).resolve().parents[1] / "shapes"
+SHAPES = Path(__file__).resolve().parents[2] / "shapes"
 GIB = 2**30
 
 

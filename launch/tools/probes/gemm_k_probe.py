@@ -3,7 +3,7 @@ and w (d_out, K) in bf16 at Llama-3.1-8B's projection widths, K from 4096 to 422
 [x | mid] @ [W | B_pad]^T has K = d_in + R), CUDA-event time per call and the kernels cuBLAS launched; then
 the LoRA backward's gmid GEMM (4096 x d_out) @ (d_out x 16) as `mm` and as `addmm_(beta=0, alpha=2)`.
 
-    python launch/tools/gemm_k_probe.py
+    python launch/tools/probes/gemm_k_probe.py
 """
 
 from __future__ import annotations

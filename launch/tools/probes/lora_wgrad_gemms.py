@@ -1,12 +1,12 @@
 """GPU time of the LoRA weight-gradient GEMMs of one 8B decoder layer at 4,096 tokens, per formulation.
 
-    python launch/tools/lora_wgrad_gemms.py [--tokens 4096] [--rank 16]
+    python launch/tools/probes/lora_wgrad_gemms.py [--tokens 4096] [--rank 16]
 
 dB_i = g_i^T @ mid_i is (d_out, r) with K = tokens and dA = gmid^T @ x is (R, d_in) with K = tokens: a
 narrow output and a long reduction, where cuBLAS's choice of kernel depends on which side is narrow and
 on the output dtype. Each row times one formulation of the same product (same result up to fp32
 rounding; checked against the first row): the fp32 result straight from the GEMM (`out_dtype`, what
-kernels/lora.py does), a bf16 result cast afterwards, and the transposed product (narrow side first).
+kernels/distsft_kernels/lora.py does), a bf16 result cast afterwards, and the transposed product (narrow side first).
 Median of --reps CUDA-event timings after warm-up.
 """
 
