@@ -200,7 +200,7 @@ def test_qlora_under_zero3_on_two_ranks(run):
         "distributed.deepspeed_config": tmp / "zero3_all_partitioned.json"}))
 
     single, zero3 = _losses(single_out), _losses(out)
-    assert single.keys() == zero3.keys() == set(range(1, 7))
+    assert single.keys() == zero3.keys() == set(range(1, 4))
     assert max(abs(single[s] - zero3[s]) for s in single) <= ZERO3_ATOL, (single, zero3)
 
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -235,7 +235,8 @@ def test_fused_qlora_under_zero3_matches_one_process(run):
     from _support import REPO
 
     tmp, _, _ = run
-    fused = {"kernels.backend": "auto", "checkpoint.save_merged": "false", "checkpoint.save_steps": 0}
+    fused = {"kernels.backend": "auto", "checkpoint.save_merged": "false", "checkpoint.save_steps": 0,
+             "train.max_steps": 3}  # the interpreter's kernels are slow: 3 steps check the backward too
     single_out = tmp / "fused_single"
     distsft.train(qlora_config(tmp, single_out, **fused))
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
@@ -249,7 +250,7 @@ def test_fused_qlora_under_zero3_matches_one_process(run):
         assert census["ran"]["lora"] == {"fused": 14} and census["ran"]["dequantize_4bit"] == {"triton": 14}, census
     assert _census(out).get("ranks_short") is None  # rank 1 ran ours too
     single, zero3 = _losses(single_out), _losses(out)
-    assert single.keys() == zero3.keys() == set(range(1, 7))
+    assert single.keys() == zero3.keys() == set(range(1, 4))
     assert max(abs(single[s] - zero3[s]) for s in single) <= ZERO3_ATOL, (single, zero3)
 
 
