@@ -157,7 +157,7 @@ def _print_config(cfg: Config) -> None:
     import yaml
 
     from distsft.preflight import default_output_dir
-    from distsft.tracking import redact_config
+    from distsft.redaction import redact_config
 
     if cfg.train.output_dir is None:
         cfg.train.output_dir = default_output_dir(cfg.model)
