@@ -87,7 +87,7 @@ class ModelConfig:
     """Memory per device that `gradient_checkpointing: auto` plans for; default 90% of the GPU's memory."""
     offload_checkpoints: bool = False
     """With gradient checkpointing: keep each checkpointed layer's input in pinned host memory instead of
-    on the GPU (copied on a side stream, brought back one layer ahead of its backward; distsft/offload.py).
+    on the GPU (copied on a side stream, brought back one layer ahead of its backward; distsft/recompute.py).
     The memory-lean setting and long context (Llama-3.1-8B at 131,072 tokens on one 80 GB GPU); one
     process only for now."""
 

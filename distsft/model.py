@@ -93,10 +93,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
         model = _build(cfg, dtype, common, seed)
     keep_4bit_training_layout(model)
     _without_hub_kernels(model)
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing is True:  # `auto` is planned once the model is on its device (train.py)
-        # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # recomputation is set up on the trained module (distsft/recompute.py)
     return model
 
 

@@ -85,12 +85,11 @@ from distsft.model import (
     trainable_numel_on_meta,
     trainable_parameter_count,
 )
-from distsft.offload import device_checkpoint, offloaded_checkpoint
 from distsft.optim import build_optimizer, build_scheduler
 from distsft.plots import plot_run
 from distsft.preflight import preflight, prepare_output_dir
 from distsft.progress import ProgressBar, StepTimer, ThroughputMeter, print_summary
-from distsft.recompute import RecomputePlan, apply_recomputation, decoder_layers, plan_recomputation
+from distsft.recompute import decoder_layers, setup_recomputation
 from distsft.tracking import Tracker, new_run_id
 
 logger = logging.getLogger("distsft")
@@ -112,39 +111,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, packed: bool
     if packed and attn_impl not in VARLEN_IMPLEMENTATIONS:  # several documents per row: attention stays in each
         out.update(packed_attention_kwargs(out["position_ids"], attn_impl, dtype))
     return out
-
-
-def setup_recomputation(model, cfg: Config, micro: int):
-    """Which decoder layers recompute their activations in backward, and how. `true`: all; `auto`: the
-    fewest that fit `model.memory_budget_gib` (distsft/recompute.py; measured on this device). distsft's
-    own checkpoint runs them in every mode (distsft/offload.py: inputs offloaded with
-    `model.offload_checkpoints`, the down projection skipped in the recompute). Its recompute and backward
-    run inside the layer's backward node, where DDP's and DeepSpeed's gradient hooks fire as in any
-    backward and ZeRO-3's hooks on the layer gather its weights again; tests/integration checks the
-    losses of every mode against one process. Returns the plan (None when nothing is recomputed)."""
-    mode = cfg.model.gradient_checkpointing
-    if mode is False:
-        return None
-    offload = cfg.model.offload_checkpoints
-    budget = None if cfg.model.memory_budget_gib is None else int(cfg.model.memory_budget_gib * 2**30)
-    if mode == "auto":
-        dtype = next(model.causal_lm.parameters()).dtype
-        positions = torch.arange(cfg.data.max_seq_len).expand(micro, -1)
-        extra = packed_attention_kwargs(positions, cfg.model.attn_implementation, dtype) if cfg.data.packing else {}
-        extra = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) and k == "attention_mask" else v
-                 for k, v in extra.items()}
-        plan = plan_recomputation(model, batch_size=micro, seq_len=cfg.data.max_seq_len, budget_bytes=budget,
-                                  fused_loss=cfg.kernels.fused_linear_cross_entropy, decoder_kwargs=extra,
-                                  offload=offload)
-    else:
-        n = len(decoder_layers(model))
-        plan = RecomputePlan(num_layers=n, checkpointed=tuple(range(n)), budget_bytes=None,
-                             layer_activation_bytes=0, checkpointed_layer_bytes=0, fixed_bytes=0, shared_bytes=0,
-                             head_bytes=0, backward_bytes=0, batch_shape=(micro, cfg.data.max_seq_len))
-    apply_recomputation(model, plan, fn=offloaded_checkpoint if offload else device_checkpoint)
-    logger.info("recomputation: %s%s", plan if mode == "auto" else f"all {plan.num_layers} decoder layers",
-                " (inputs offloaded to host)" if offload else "")
-    return plan
 
 
 def report_kernel_census(census, report, tracker, step: int, backend: str, is_main: bool) -> None:
@@ -266,7 +232,8 @@ def main(cfg: Config) -> TrainOutput:
         raise ValueError("checkpoint.save_merged=true is not supported under ZeRO-3 (the base weights are "
                          "partitioned); merge the exported adapter into the base model after training")
     register_head_for_zero3(unwrapped)
-    recompute_plan = setup_recomputation(unwrapped, cfg, micro)
+    recompute_plan = setup_recomputation(unwrapped, cfg.model, micro_batch=micro, seq_len=cfg.data.max_seq_len,
+                                         packing=cfg.data.packing, fused_loss=cfg.kernels.fused_linear_cross_entropy)
     # Refuse an attention backend that lets packed documents see each other (a probe batch, a few ms).
     # After prepare: under ZeRO-3 the engine's hooks gather the weights (every rank runs it).
     if cfg.data.packing:
@@ -338,10 +305,7 @@ def main(cfg: Config) -> TrainOutput:
     tracker = Tracker(cfg.logging, str(out_dir), is_main=is_main, config_dict=cfg.to_dict(), run_id=run_id,
                       world_size=world, start_step=step if resume_path else None)
     if recompute_plan is not None:
-        planned = recompute_plan.budget_bytes is not None  # `auto`: the plan's estimates are meaningful
-        fields = recompute_plan.as_dict() if planned else {
-            "checkpointed_layers": len(recompute_plan.checkpointed), "num_layers": recompute_plan.num_layers}
-        tracker.event("recomputation", step, offload=cfg.model.offload_checkpoints, **fields)
+        tracker.event("recomputation", step, offload=cfg.model.offload_checkpoints, **recompute_plan.event_fields())
     state["tracker_run_id"] = tracker.run_id
     tracker.event("model", step, dtype=str(compute_dtype).removeprefix("torch."),
                   distributed=str(accelerator.distributed_type).split(".")[-1].lower(),
