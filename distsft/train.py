@@ -35,7 +35,7 @@ if __name__ == "__main__" and not __package__:
 
     PREEMPTION.install()  # from here on a preemption signal ends the process with 75 and a status record
     watch_agent()  # a torchrun worker stops when its agent is gone
-    from distsft.cli import parse_args
+    from distsft.entry import parse_args
 
     _CLI_CONFIG = parse_args()  # a bad key or value exits here, before torch is imported
 
@@ -446,7 +446,7 @@ def main(cfg: Config) -> TrainOutput:
             bar.close()
             logger.warning("preempted: checkpoint at step %d committed; exiting with %d for requeue",
                            step, REQUEUE_EXIT_CODE)
-            accelerator.wait_for_everyone()  # then every rank exits at once (distsft.cli.run_to_exit)
+            accelerator.wait_for_everyone()  # then every rank exits at once (distsft.entry.run_to_exit)
             raise SystemExit(REQUEUE_EXIT_CODE)
     bar.close()
     if cfg.checkpoint.save_steps and step > 0 and not (ckpt_root / step_dir_name(step)).exists():
@@ -523,6 +523,6 @@ class _CallableModule(type(sys)):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    from distsft.cli import run_to_exit
+    from distsft.entry import run_to_exit
 
-    run_to_exit(_CLI_CONFIG)
+    run_to_exit(main, _CLI_CONFIG)
