@@ -128,7 +128,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from distsft.preflight import preflight
 
     try:
-        preflight(cfg)  # once, before any rank starts; the ranks repeat it (it writes nothing)
+        cfg = preflight(cfg)  # once, before any rank starts; the ranks repeat it (it writes nothing)
     except ValueError as e:
         error(str(e))
         return USAGE_EXIT_CODE

@@ -213,8 +213,7 @@ def run(main: Callable[[Config], TrainOutput], cfg: Config) -> None:
     checkpoint that does not verify) are one line. A crash after a preemption signal reached this rank (a
     collective failing because a peer stopped for the same signal) is a preemption too: SystemExit(75)."""
     from distsft.checkpoint import CheckpointError
-    from distsft.distributed import TrainingDiverged
-    from distsft.lifecycle import NONRETRYABLE_EXIT_CODE, PREEMPTION, REQUEUE_EXIT_CODE
+    from distsft.lifecycle import NONRETRYABLE_EXIT_CODE, PREEMPTION, REQUEUE_EXIT_CODE, TrainingDiverged
 
     try:
         out = main(cfg)
