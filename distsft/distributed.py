@@ -314,9 +314,9 @@ class StepBackend:
 
     def clip_and_step(self, loss: float) -> float:
         """Clip the gradients to `train.max_grad_norm` and update the weights unless the step's `loss` or
-        the global gradient norm is non-finite; returns that norm (before clipping). DeepSpeed clips
-        (gradient_clipping) and steps inside `engine.step()`, where its overflow check skips an update
-        with non-finite gradients on every rank."""
+        the global gradient norm is non-finite; returns that norm (before clipping). Under DeepSpeed the
+        engine clips (gradient_clipping) and steps inside `engine.step()`, where its overflow check skips
+        the update when the gradients are non-finite, on every rank."""
         if self.engine is not None:
             self.engine.step()
             return float(self.engine.get_global_grad_norm() or 0.0)
