@@ -10,7 +10,8 @@ document starts wherever a position is not the previous one plus 1 (`document_id
   the flattened batch) that distsft_varlen reads; `document_ids` is the flex-attention `mask_mod`
   input (`doc[b, q] == doc[b, kv] and kv <= q`).
 * `packed_attention_kwargs` -> whichever of those the configured implementation needs, per micro-batch;
-  `check_packing_isolation` -> the startup self-check that documents really cannot see each other.
+  `check_packing_isolation` -> the startup self-check that documents really cannot see each other
+  (`check_wrapper_isolation`: the same through the trained module, as the trainer calls it).
 
 Note for callers: with `attention_mask=None`, transformers >= 5.17 derives a block-diagonal mask from
 `position_ids` (`find_packed_sequence_indices`) ONLY when there is no cache: a forward without
@@ -264,3 +265,16 @@ def check_packing_isolation(model, *, attn_implementation: str | None = None,
             "eager or sdpa with document_attention_mask, or set data.packing=false."
         )
     return result
+
+
+def check_wrapper_isolation(wrapper, attn_implementation: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """`check_packing_isolation` through the trained module (`CausalLMWithLoss`: its `logits`), called as the
+    loop calls it: document lengths for the varlen implementations, else the document mask. Every rank runs
+    it (under ZeRO-3 the prepared engine's hooks gather the weights for the probe's forwards)."""
+    def probe(ids, pos, mask):
+        kw = {} if mask is None else {"attention_mask": mask.to(device)}
+        if attn_implementation in VARLEN_IMPLEMENTATIONS:
+            kw = packed_attention_kwargs(pos, attn_implementation, dtype)  # document lengths, not a mask
+        return wrapper.logits(ids.to(device), pos.to(device), **kw)
+
+    return check_packing_isolation(wrapper.causal_lm, attn_implementation=attn_implementation, forward=probe)

@@ -3,6 +3,7 @@
     with record_kernels() as census:                  # the trainer's first optimizer step
         loss = model(batch); loss.backward()
     logger.info("%s", census.summary(report))        # report: distsft.patching.PatchReport
+    report_census(census, report, tracker, step, backend, is_main)   # the trainer's: every rank, one event
 
 What was patched is not what runs. While `record_kernels()` is open, each bound forward (distsft/patching.py,
 the fused LoRA projections in distsft/fused_lora.py, the 4-bit dequantization in distsft/qlora.py, the
@@ -23,10 +24,13 @@ the references (which reproduce the HF modules' numerics).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter, defaultdict
 
 import distsft_kernels as K
 import torch
+
+logger = logging.getLogger("distsft")
 
 TAG = "_distsft_kernel"
 """The attribute a patched module instance carries its spec under (distsft.patching's `_Spec`: backend,
@@ -147,3 +151,24 @@ def use_triton(backend: str, t: torch.Tensor) -> bool:
                "before importing distsft_kernels to run them on CPU)"))
         raise RuntimeError(f"kernels.backend=triton but Triton cannot run here: {why}; use kernels.backend=auto")
     return ok
+
+
+def report_census(census: KernelCensus, report, tracker, step: int, backend: str, is_main: bool) -> None:
+    """After the trainer's first step: which path every patched module ran, as the `kernels` event and one
+    log line, and a warning per reason for everything that did not run our kernel, from the main process
+    for every rank (a collective: the census of each rank is gathered). `tracker`: distsft.tracking.Tracker."""
+    from accelerate.utils import gather_object
+
+    mine = census.as_dict(report)
+    ranks = gather_object([mine])
+    short = {rank: r["missing"] for rank, r in enumerate(ranks) if r["missing"]}
+    tracker.event("kernels", step, **mine, ranks_short=short or None)
+    if not is_main:
+        return
+    logger.info("kernels run in step %d: %s", step + 1, census.summary(report))
+    for msg in census.fallback_warnings():
+        (logger.info if backend == "torch" else logger.warning)("%s", msg)
+    differ = {rank: r["ran"] for rank, r in enumerate(ranks) if r["ran"] != mine["ran"]}
+    if differ:
+        logger.warning("kernels: other ranks ran other paths in step %d than rank 0 (%s): %s", step + 1,
+                       mine["ran"], differ)

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from distsft.distributed import injected_fault
+from distsft.lifecycle import injected_fault
 
 logger = logging.getLogger(__name__)
 
@@ -813,3 +813,30 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def resume(output_dir: Path, spec: str | None, *, model: torch.nn.Module, optimizer, scheduler, global_batch: int,
+           allow_global_batch_change: bool, is_main: bool) -> tuple[dict[str, Any], Path | None, float | None]:
+    """The checkpoint a run continues (`checkpoint.resume_from_checkpoint` = `spec`), loaded into `model`,
+    `optimizer` and `scheduler`: (trainer state, its path, seconds it took); a fresh state, None, None
+    without one. Rank 0 chooses (and verifies) the checkpoint; every rank then loads that one, whatever its
+    view of a shared filesystem says (a collective: if rank 0 fails here, torchrun ends the others at once).
+    A checkpoint of another global batch is refused unless `allow_global_batch_change`."""
+    from accelerate.utils import broadcast_object_list
+
+    state = {"global_step": 0, "samples_consumed": 0, "tokens_consumed": 0, "skipped_steps": 0}
+    path = broadcast_object_list([find_resume_checkpoint(output_dir, spec) if is_main else None])[0]
+    if path is None:
+        return state, None, None
+    started = time.perf_counter()
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    load_s = time.perf_counter() - started
+    if state["global_batch_size"] != global_batch and not allow_global_batch_change:
+        raise ValueError(
+            f"{path} was trained with a global batch of {state['global_batch_size']}, this run has "
+            f"{global_batch}: each step would see other samples. Keep per_device_train_batch_size x "
+            "gradient_accumulation_steps x processes constant, or set distributed.allow_global_batch_change=true"
+        )
+    logger.info("resumed from %s at step %d (%d samples consumed)", path, state["global_step"],
+                state["samples_consumed"])
+    return state, path, load_s

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from distsft.redaction import redact_config
+
 
 class ConfigError(ValueError):
     """A bad key or value in the run configuration. `key` is the dotted path, e.g. `train.learning_rate`."""
@@ -85,7 +87,7 @@ class ModelConfig:
     """Memory per device that `gradient_checkpointing: auto` plans for; default 90% of the GPU's memory."""
     offload_checkpoints: bool = False
     """With gradient checkpointing: keep each checkpointed layer's input in pinned host memory instead of
-    on the GPU (copied on a side stream, brought back one layer ahead of its backward; distsft/offload.py).
+    on the GPU (copied on a side stream, brought back one layer ahead of its backward; distsft/recompute.py).
     The memory-lean setting and long context (Llama-3.1-8B at 131,072 tokens on one 80 GB GPU); one
     process only for now."""
 
@@ -135,8 +137,8 @@ class LoraConfig:
 class DataSourceConfig:
     path: str
     """A local json/jsonl/parquet/csv/arrow file or folder, a hub dataset id, or `builtin:NAME`. From
-    Python a `datasets.Dataset` is accepted in its place: it is registered in memory and `path` becomes
-    the string `memory:<fingerprint>`, so the config stays serialisable."""
+    Python a `datasets.Dataset` is accepted in its place: `path` becomes the string `memory:<fingerprint>`,
+    so the config stays serialisable, and the dataset itself is kept beside it (`dataset`)."""
     split: str = "train"
     """Hub split, or the split of a `DatasetDict` saved with `save_to_disk`; ignored for plain files."""
     subset: str | None = None
@@ -152,13 +154,18 @@ class DataSourceConfig:
     `round(N * weight_i / sum(weights))` training documents per epoch (N = all sources' documents),
     sampled without replacement, repeating whole passes when upsampled."""
 
+    dataset = None  # not a setting (no annotation): the `datasets.Dataset` given as `path`, read by distsft.data
+
     def __post_init__(self):
         if not isinstance(self.path, str) and hasattr(self.path, "column_names"):
-            from distsft.data.sources import register_dataset  # lazy: config must not import data
-
-            self.path = register_dataset(self.path)
+            self.dataset, self.path = self.path, memory_handle(self.path)
         _require(isinstance(self.path, str) and bool(self.path), "path", "must be a non-empty string")
         _require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+
+
+def memory_handle(dataset: Any) -> str:
+    """The `memory:` string that stands for an in-memory `datasets.Dataset` in `DataSourceConfig.path`."""
+    return f"memory:{getattr(dataset, '_fingerprint', None) or f'id{id(dataset):x}'}"
 
 
 # distsft.data.templates.TEMPLATE_NAMES plus auto/tokenizer (spelled out: config must not import data)
@@ -416,9 +423,7 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (loadable with `load_config`), with any secret typed into one
-        of its strings replaced by "***" (distsft.tracking.redact_config)."""
-        from distsft.tracking import redact_config  # lazy: tracking imports this module
-
+        of its strings replaced by "***" (distsft.redaction.redact_config)."""
         Path(path).write_text(yaml.safe_dump(redact_config(self.to_dict()), sort_keys=False))
 
 
@@ -558,7 +563,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         if cls is DataSourceConfig and k == "path" and hasattr(v, "column_names"):
-            kwargs[k] = v  # a `datasets.Dataset` from Python: __post_init__ registers it
+            kwargs[k] = v  # a `datasets.Dataset` from Python: __post_init__ keeps it beside its handle
             continue
         if k not in names:
             near = [_ALIASES[k]] if _ALIASES.get(k) in names else difflib.get_close_matches(str(k), names, n=1)

@@ -1,11 +1,11 @@
 """Process groups and DeepSpeed plumbing: what the loop needs to run the same on 1 process, DDP, and
-DeepSpeed ZeRO-1/2/3 (with or without CPU offload). Exit codes and preemption live in distsft/lifecycle.py
-(the entry points install its handler before torch is imported); their names are re-exported here.
+DeepSpeed ZeRO-1/2/3 (with or without CPU offload). Exit codes and preemption live in distsft/lifecycle.py.
 
 The mode comes from the launcher: `accelerate launch --config_file accelerate_configs/<mode>.yaml`, or
 `torchrun` with `distributed.deepspeed_config=ds_configs/zeroN.json` in the run config (both end up in
 an Accelerator with a DeepSpeedPlugin). Batch sizes, accumulation and clipping are the trainer's: the
-DeepSpeed JSON says "auto" for them and `configure_deepspeed` fills them in before `prepare`.
+DeepSpeed JSON says "auto" for them and `configure_deepspeed` fills them in before `prepare`;
+`StepBackend` then runs each step's backward and update the same way in every mode.
 """
 
 from __future__ import annotations
@@ -13,24 +13,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 
-from distsft.config import Config, DistributedConfig
-from distsft.lifecycle import (  # noqa: F401  (re-exported: the loop's names for them)
-    NONRETRYABLE_EXIT_CODE,
-    REQUEUE_EXIT_CODE,
-    PreemptionFlag,
-    injected_fault,
-    write_exit_status,
-)
+from distsft.config import DistributedConfig
+from distsft.dtypes import resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row: the command line exits with NONRETRYABLE_EXIT_CODE."""
 
 
 def requested_deepspeed(cfg: DistributedConfig) -> dict | None:
@@ -104,17 +97,18 @@ def set_default_timeout(timeout: timedelta) -> None:
         c10d.default_pg_nccl_timeout = timeout
 
 
-def build_accelerator(cfg: Config, *, as_ddp: bool = False):
-    """The Accelerator for this launch. `as_ddp`: a ZeRO-1/2 launch runs as DDP (`zero12_as_ddp`)."""
+def build_accelerator(cfg: DistributedConfig, *, model_dtype: str, as_ddp: bool = False):
+    """The Accelerator for this launch. `model_dtype`: `model.dtype` (DeepSpeed's precision is the model's);
+    `as_ddp`: a ZeRO-1/2 launch runs as DDP (`zero12_as_ddp`)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    timeout = timedelta(minutes=cfg.distributed.timeout_minutes)
+    timeout = timedelta(minutes=cfg.timeout_minutes)
     set_default_timeout(timeout)  # before any group exists: DeepSpeed's clones inherit it
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if as_ddp:  # `accelerate launch` with a DeepSpeed YAML said DeepSpeed in the environment
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
-    use_deepspeed = not as_ddp and (bool(cfg.distributed.deepspeed_config) or (
+    use_deepspeed = not as_ddp and (bool(cfg.deepspeed_config) or (
         os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"))
     if launched_world > 1 and not torch.cuda.is_available():
         # Accelerate 1.15 on a machine with no GPU does not see a torchrun launch as distributed: its
@@ -127,8 +121,8 @@ def build_accelerator(cfg: Config, *, as_ddp: bool = False):
         else:
             PartialState(cpu=True, backend="gloo", timeout=timeout)
     plugin = None
-    if use_deepspeed and cfg.distributed.deepspeed_config:
-        plugin = DeepSpeedPlugin(hf_ds_config=cfg.distributed.deepspeed_config)
+    if use_deepspeed and cfg.deepspeed_config:
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed_config)
     # Without DeepSpeed the precision is the model's too: no autocast, whatever the launcher's YAML says.
     extra = {"mixed_precision": "no"} if as_ddp else {}
     if use_deepspeed:
@@ -136,9 +130,7 @@ def build_accelerator(cfg: Config, *, as_ddp: bool = False):
         # ("no" unless an accelerate config says otherwise) into the JSON's "auto" bf16/fp16 sections as
         # it starts, before the model is built; ZeRO-3's zero.Init then casts a bf16 model to fp32, and
         # ZeRO-1/2 meet a bf16 model with bf16 disabled. Give it the model's precision instead.
-        from distsft.model import resolve_dtype
-
-        dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = resolve_dtype(model_dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         extra["mixed_precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     # Gradient accumulation is ours (loss.py): accelerate must not divide the loss by it again.
     accelerator = Accelerator(gradient_accumulation_steps=1, deepspeed_plugin=plugin,
@@ -151,9 +143,16 @@ def build_accelerator(cfg: Config, *, as_ddp: bool = False):
     return accelerator
 
 
-def deepspeed_engine(accelerator, model):
-    """The DeepSpeedEngine when running under DeepSpeed, else None."""
-    return model if accelerator.distributed_type == "DEEPSPEED" else None
+def start_accelerator(cfg: DistributedConfig, *, model_dtype: str, trainable_numel: Callable[[], int]):
+    """The accelerator for this launch and how it runs: (accelerator, the ZeRO stage asked for, why a ZeRO-1/2
+    launch runs as DDP, or None). ZeRO-1/2 with a small trainable state run as DDP (`zero12_as_ddp`):
+    decided before the process group exists, from `trainable_numel()` (counted on a meta-device skeleton,
+    `model.trainable_numel_on_meta`), called only where the decision needs it."""
+    ds = requested_deepspeed(cfg)
+    stage = int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+    numel = trainable_numel() if stage in (1, 2) and cfg.zero12 == "auto" else None
+    as_ddp = zero12_as_ddp(cfg, ds, numel, int(os.environ.get("WORLD_SIZE", "1")))
+    return build_accelerator(cfg, model_dtype=model_dtype, as_ddp=as_ddp is not None), stage, as_ddp
 
 
 def zero_stage(accelerator) -> int:
@@ -287,6 +286,58 @@ def register_head_for_zero3(wrapper, accelerator_or_none=None) -> None:
         deepspeed.zero.register_external_parameter(wrapper, head.weight)
         if head.bias is not None:
             deepspeed.zero.register_external_parameter(wrapper, head.bias)
+
+
+class StepBackend:
+    """One optimizer step's backward and update, called the same way in every mode, so that the loop never
+    asks which: under DeepSpeed the engine (the prepared model) runs backward, clipping and the step itself;
+    under DDP and in one process accelerate runs backward and clipping, and the optimizer steps."""
+
+    def __init__(self, accelerator, model, optimizer, *, accum: int, max_grad_norm: float):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.engine = model if accelerator.distributed_type == "DEEPSPEED" else None
+        self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+        self.divides_by = accum if self.engine is not None else 1
+        """What the backend divides each backward by on its own (`loss.backward_scale`'s `engine_divides_by`):
+        DeepSpeed's engine divides by its gradient accumulation steps."""
+
+    def no_sync(self, last: bool):
+        """Around one micro-batch's forward and backward: gradients are reduced after the step's `last` one
+        only (DDP: no all-reduce before it; DeepSpeed: told which backward ends the step, it then reduces)."""
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.engine.backward if self.engine is not None else self.accelerator.backward)(loss)
+
+    def clip_and_step(self, loss: float) -> float:
+        """Clip the gradients to `train.max_grad_norm` and update the weights unless the step's `loss` or
+        the global gradient norm is non-finite; returns that norm (before clipping). Under DeepSpeed the
+        engine clips (gradient_clipping) and steps inside `engine.step()`, where its overflow check skips
+        the update when the gradients are non-finite, on every rank."""
+        if self.engine is not None:
+            self.engine.step()
+            return float(self.engine.get_global_grad_norm() or 0.0)
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        return grad_norm
+
+
+def prepare_for_mode(accelerator, model, optimizer, *, layers, dtype: torch.dtype, micro_batch: int, accum: int,
+                     max_grad_norm: float, zero3_gather: str) -> tuple:
+    """`accelerator.prepare` for this launch's mode: first the DeepSpeed config filled in (`configure_deepspeed`)
+    and ZeRO-3's gathering set up (`prepare_zero3`), after it the LM head registered with ZeRO-3. `model`:
+    the loss wrapper (`CausalLMWithLoss`), `layers` its decoder layers, `dtype` its compute dtype. Returns
+    (prepared model, prepared optimizer, their `StepBackend`, the ZeRO-3 values filled in)."""
+    configure_deepspeed(accelerator, micro_batch=micro_batch, accum=accum, max_grad_norm=max_grad_norm, dtype=dtype)
+    filled = prepare_zero3(accelerator, model, layers, model.causal_lm.get_input_embeddings(), zero3_gather)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_head_for_zero3(accelerator.unwrap_model(model))
+    backend = StepBackend(accelerator, model, optimizer, accum=accum, max_grad_norm=max_grad_norm)
+    return model, optimizer, backend, filled
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """What a run leaves for people and other tools: the PEFT adapter (loadable by the standard one-liners), its
-model card, the random-init base an adapter belongs to, and merged models.
+model card, the random-init base an adapter belongs to, and merged models (4-bit bases dequantized first).
 
-    state = trainable_state_dict(peft_model)                       # inside the ZeRO-3 gather, main process
-    export_adapter(peft_model, state, out / "adapter", cfg=cfg, tokenizer=tok, base_dir=out / "base", ...)
+    state = adapter_state_dict(wrapper, is_main)                   # every rank (the ZeRO-3 gather); main: tensors
+    export_adapter(peft_model, state, out / "adapter", cfg=cfg, tokenizer=tok, device=device, ...)
+    export_merged(peft_model, tokenizer, out / "merged")           # checkpoint.save_merged
     merge_adapter("outputs/demo/adapter", "outputs/demo/merged")   # `distsft merge`, after any run
 
 An adapter directory holds `adapter_config.json` + `adapter_model.safetensors` (PEFT's format), the
@@ -25,6 +26,9 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from distsft.distributed import gathered_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,15 @@ def trainable_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]
     return {name: t.detach().to("cpu", copy=True)
             for name, t in peft_model.state_dict(keep_vars=True).items()
             if isinstance(t, torch.nn.Parameter) and t.requires_grad}
+
+
+def adapter_state_dict(wrapper: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The adapter's tensors of the trained module (`CausalLMWithLoss`), whole, on the main process; None
+    elsewhere. A collective under ZeRO-3 (every rank calls it): the trainable parameters are gathered."""
+    with gathered_parameters([p for p in wrapper.parameters() if p.requires_grad]):
+        if not is_main:
+            return None
+        return trainable_state_dict(wrapper.peft_model)  # unfiltered: save_adapter filters once
 
 
 @contextlib.contextmanager
@@ -172,6 +185,68 @@ def export_adapter(peft_model, state: dict[str, torch.Tensor], directory: Path, 
                                                     eval_loss=eval_loss, world_size=world_size))
 
 
+def merged_model(peft_model) -> nn.Module:
+    """The base model with the adapter merged in, as a plain HF model. On a 4-bit base every linear layer
+    is dequantized to its compute dtype and the LoRA update added there (merging into NF4, as peft does,
+    would re-quantize the sum and lose most of the adapter's small update)."""
+    base = peft_model.get_base_model()
+    if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base.config, "quantization_config", None)):
+        return peft_model.merge_and_unload()
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    def dequantized(layer) -> torch.Tensor:
+        if isinstance(layer, bnb.nn.Linear4bit):
+            data, state = layer.weight.data, layer.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks a CPU weight in place at its first eval forward (for its bf16
+                # kernel), and dequantize_4bit reads that layout as garbage: unpack it first.
+                data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+            w = bnb.functional.dequantize_4bit(data, state)
+            return w.to(layer.compute_dtype or w.dtype)
+        return layer.weight.data
+
+    def plain(weight: torch.Tensor, bias) -> nn.Linear:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                        device=weight.device)
+        with torch.no_grad():
+            out.weight.copy_(weight)
+            if bias is not None:
+                out.bias.copy_(bias.to(weight.dtype))
+        return out
+
+    # Parents first in named_modules order, so a replaced LoRA layer's own children are never visited.
+    for _, parent in list(base.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer):
+                layer = child.get_base_layer()
+                w = dequantized(layer)
+                for adapter in child.active_adapters:
+                    w = w + child.get_delta_weight(adapter).to(w.dtype)
+                setattr(parent, name, plain(w, layer.bias))
+            elif isinstance(child, ModulesToSaveWrapper):
+                setattr(parent, name, child.modules_to_save[child.active_adapter])
+            elif isinstance(child, bnb.nn.Linear4bit):
+                setattr(parent, name, plain(dequantized(child), child.bias))
+    for attr in ("is_loaded_in_4bit", "is_quantized"):
+        if hasattr(base, attr):
+            setattr(base, attr, False)
+    if hasattr(base, "hf_quantizer"):
+        base.hf_quantizer = None
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    return base
+
+
+def export_merged(peft_model, tokenizer, directory: Path) -> None:
+    """`checkpoint.save_merged`: the base with the adapter merged in, and the tokenizer (main process)."""
+    merged = merged_model(peft_model)
+    merged.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    logger.info("merged model written to %s", directory)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading an adapter again: `distsft merge`, `distsft generate`
 
@@ -200,7 +275,7 @@ def load_adapted(adapter_dir: str | Path, *, base: str | None = None, dtype: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distsft.config import load_config
-    from distsft.model import resolve_dtype
+    from distsft.dtypes import resolve_dtype
 
     adapter_dir = Path(adapter_dir)
     base_name = adapter_base(adapter_dir, base)
@@ -231,9 +306,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
                   device: str = "cpu") -> Path:
     """adapter + base -> a plain HF model with the update merged in, plus the tokenizer. Works for any
     distsft adapter, whatever the run's mode (a ZeRO-3 run's adapter is gathered whole at export). A QLoRA
-    adapter is merged into the dequantized 4-bit base it trained against (`distsft.model.merged_model`)."""
-    from distsft.model import merged_model
-
+    adapter is merged into the dequantized 4-bit base it trained against (`merged_model`)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose another output directory")

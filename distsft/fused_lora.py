@@ -19,7 +19,7 @@ import torch
 
 from distsft import census, qlora
 from distsft.census import TAG
-from distsft.offload import recomputing
+from distsft.recompute import recomputing
 
 
 def static_reason(m) -> str | None:
@@ -48,7 +48,7 @@ def unfused_reason(m) -> str | None:
     """Per call: None when the fused path computes exactly what peft's forward would right now, else why
     not. Anything that hooks the module itself (DeepSpeed ZeRO-3's per-module gathering, accelerate's
     offload hooks) keeps peft's forward, as does a weight that is not whole here. Under ZeRO-3 the trainer
-    gathers each decoder layer whole before its forward (distsft.distributed.gather_decoder_layers_whole),
+    gathers each decoder layer whole before its forward (distsft.distributed.prepare_zero3),
     so the LoRA layers inside carry no hooks and every weight is whole when they run."""
     spec = m.__dict__.get(TAG)
     if spec is None or spec.activation != "lora":

@@ -4,7 +4,9 @@ preemption signals from the first line of the process on, and a torchrun agent t
     PREEMPTION.install()     # first thing in every entry point, before torch is imported
     watch_agent()            # a torchrun worker: stop when the agent that started it is gone
     PREEMPTION.defer()       # the training loop: a signal only sets the flag (agreed at a step boundary, saved)
+    PREEMPTION.requeue(step, tracker=..., checkpoint_dir=..., barrier=..., is_main=...)  # the loop, once saved
     PREEMPTION.expedite()    # after the loop: a signal ends the process at once again
+    NonFiniteSteps(abort=False, max_in_a_row=5).skipped(step, loss, grad_norm)   # or TrainingDiverged (65)
 
 A preemption signal (SIGTERM, SIGUSR1) always ends the process with REQUEUE_EXIT_CODE and a status record
 (RELIABILITY.md promise 6). Outside the loop there is no state worth saving: before it, nothing has trained
@@ -24,17 +26,43 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("distsft")
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, run me again (checkpoint.resume_from_checkpoint=auto)"
 NONRETRYABLE_EXIT_CODE = 65  # EX_DATAERR: diverged (non-finite losses); retrying would do the same
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row (`NonFiniteSteps`): the process exits with NONRETRYABLE_EXIT_CODE."""
+
+
+class NonFiniteSteps:
+    """`distributed.nonfinite_loss`: a step whose loss or gradient norm is non-finite (decided on global
+    values, so every rank agrees) is skipped with a warning; with `abort`, or after `max_in_a_row` such
+    steps in a row, the run ends with TrainingDiverged."""
+
+    def __init__(self, *, abort: bool, max_in_a_row: int):
+        self.abort, self.max_in_a_row, self.in_a_row = abort, max_in_a_row, 0
+
+    def skipped(self, step: int, loss: float, grad_norm: float) -> bool:
+        """Whether `step` was skipped: its loss or gradient norm is non-finite."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        logger.warning("step %d: non-finite loss %s / grad norm %s: optimizer step skipped", step, loss, grad_norm)
+        if self.abort or self.in_a_row >= self.max_in_a_row:
+            raise TrainingDiverged(f"step {step}: {self.in_a_row} non-finite step(s) in a row")
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,6 +170,19 @@ class PreemptionFlag:
                        "exiting with %d for requeue", name, REQUEUE_EXIT_CODE)
         report_outcome(REQUEUE_EXIT_CODE, "preempted", f"{name} outside the training loop", step=self.committed_step)
         exit_now(REQUEUE_EXIT_CODE)
+
+    def requeue(self, step: int, *, tracker, checkpoint_dir: Path, barrier: Callable[[], None], is_main: bool):
+        """In the loop, once every rank agreed on the signal and the checkpoint of `step` is committed: record
+        it (the tracker's event and exit code, the status file), wait for every rank, and leave with
+        REQUEUE_EXIT_CODE (SystemExit; every rank then exits at once, distsft.entry.run_to_exit)."""
+        tracker.event("preempted", step, signal=self.signum, checkpoint=str(checkpoint_dir))
+        if is_main:
+            write_exit_status("preempted", REQUEUE_EXIT_CODE, step)
+        tracker.close(exit_code=REQUEUE_EXIT_CODE)
+        logger.warning("preempted: checkpoint at step %d committed; exiting with %d for requeue",
+                       step, REQUEUE_EXIT_CODE)
+        barrier()
+        raise SystemExit(REQUEUE_EXIT_CODE)
 
     def agreed(self, accelerator) -> bool:
         """True on every rank if any rank was signalled (a collective: every rank calls it)."""

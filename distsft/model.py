@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from distsft.config import KernelsConfig, LoraConfig, ModelConfig
+from distsft.dtypes import resolve_dtype
 from distsft.loss import LossFn, select_loss_fn, target_indices
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,6 @@ def resolve_path(spec: str) -> str:
             raise ValueError(f"unknown builtin asset {spec!r} (known: {known})")
         return str(path)
     return spec
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -93,10 +86,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, *, seed: int):
         model = _build(cfg, dtype, common, seed)
     keep_4bit_training_layout(model)
     _without_hub_kernels(model)
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing is True:  # `auto` is planned once the model is on its device (train.py)
-        # Non-reentrant checkpointing needs no `enable_input_require_grads` hack for frozen embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # recomputation is set up on the trained module (distsft/recompute.py)
     return model
 
 
@@ -130,60 +120,6 @@ def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.dev
     hf_config = AutoConfig.from_pretrained(resolve_path(cfg.name_or_path or cfg.init_from_config),
                                            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     return quantization_kwargs(cfg, hf_config, dtype, device, zero3=_zero3())
-
-
-def merged_model(peft_model) -> nn.Module:
-    """The base model with the adapter merged in, as a plain HF model. On a 4-bit base every linear layer
-    is dequantized to its compute dtype and the LoRA update added there (merging into NF4, as peft does,
-    would re-quantize the sum and lose most of the adapter's small update)."""
-    base = peft_model.get_base_model()
-    if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base.config, "quantization_config", None)):
-        return peft_model.merge_and_unload()
-    import bitsandbytes as bnb
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    def dequantized(layer) -> torch.Tensor:
-        if isinstance(layer, bnb.nn.Linear4bit):
-            data, state = layer.weight.data, layer.weight.quant_state
-            if getattr(state, "packing_format_for_cpu", False):
-                # bitsandbytes repacks a CPU weight in place at its first eval forward (for its bf16
-                # kernel), and dequantize_4bit reads that layout as garbage: unpack it first.
-                data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
-            w = bnb.functional.dequantize_4bit(data, state)
-            return w.to(layer.compute_dtype or w.dtype)
-        return layer.weight.data
-
-    def plain(weight: torch.Tensor, bias) -> nn.Linear:
-        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
-                        device=weight.device)
-        with torch.no_grad():
-            out.weight.copy_(weight)
-            if bias is not None:
-                out.bias.copy_(bias.to(weight.dtype))
-        return out
-
-    # Parents first in named_modules order, so a replaced LoRA layer's own children are never visited.
-    for _, parent in list(base.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LoraLayer):
-                layer = child.get_base_layer()
-                w = dequantized(layer)
-                for adapter in child.active_adapters:
-                    w = w + child.get_delta_weight(adapter).to(w.dtype)
-                setattr(parent, name, plain(w, layer.bias))
-            elif isinstance(child, ModulesToSaveWrapper):
-                setattr(parent, name, child.modules_to_save[child.active_adapter])
-            elif isinstance(child, bnb.nn.Linear4bit):
-                setattr(parent, name, plain(dequantized(child), child.bias))
-    for attr in ("is_loaded_in_4bit", "is_quantized"):
-        if hasattr(base, attr):
-            setattr(base, attr, False)
-    if hasattr(base, "hf_quantizer"):
-        base.hf_quantizer = None
-    if hasattr(base.config, "quantization_config"):
-        del base.config.quantization_config
-    return base
 
 
 def _build(cfg: ModelConfig, dtype: torch.dtype, common: dict, seed: int):
@@ -329,7 +265,11 @@ def build_model(
     from distsft.patching import apply_kernels  # loads the kernels: not when a preflight imports this module
 
     report = apply_kernels(peft_model, kernels_cfg)
-    return CausalLMWithLoss(peft_model, select_loss_fn(kernels_cfg)), report
+    wrapper = CausalLMWithLoss(peft_model, select_loss_fn(kernels_cfg))
+    trainable, total = trainable_parameter_count(wrapper)
+    logger.info("model: %s trainable of %s parameters (%.3f%%); kernels: %s",
+                f"{trainable:,}", f"{total:,}", 100 * trainable / total, report)
+    return wrapper, report
 
 
 def trainable_numel_on_meta(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> int:

@@ -40,6 +40,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **common)
 
 
+def schedule_length(cfg: TrainConfig, sequences: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, the run's optimizer steps) over a training set of `sequences` packed
+    sequences on `world_size` processes; a ValueError when it holds fewer than one global batch."""
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    global_batch = micro * accum * world_size
+    steps_per_epoch = sequences // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train.per_device_train_batch_size: the training set packs into {sequences} sequences, "
+            f"fewer than one global batch of {global_batch} (train.per_device_train_batch_size {micro} x "
+            f"train.gradient_accumulation_steps {accum} x {world_size} processes); lower them or add data"
+        )
+    return steps_per_epoch, cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
+
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
 

@@ -36,7 +36,7 @@ from distsft_kernels.reference import rms_norm_ref, rope_ref
 from distsft import census, fused_lora, qlora
 from distsft.census import TAG
 from distsft.config import KernelsConfig
-from distsft.offload import recomputing
+from distsft.recompute import recomputing
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _mlp_forward(self, x):
     if (spec.arch is not None and spec.arch.mlp_to_residual and recomputing()
             and fused_lora.unfused_reason(self.down_proj) is None):
         # A checkpointed layer's recompute: this output only feeds the residual sum leaving the layer,
-        # whose value backward never reads; skip its GEMMs (distsft/offload.py).
+        # whose value backward never reads; skip its GEMMs (distsft/recompute.py).
         return fused_lora.fused(h, (self.down_proj,), values_unused=True)[0]
     return self.down_proj(h)
 

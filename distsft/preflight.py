@@ -2,7 +2,7 @@
 model directory without a tokenizer, a missing W&B login or an output directory that holds another run
 stop the run in seconds, with one line naming the key, instead of after the model has loaded.
 
-    preflight(cfg)            # every rank (and the `distsft train` launcher), first thing; writes nothing
+    cfg = preflight(cfg)      # every rank (and the `distsft train` launcher), first thing; writes nothing
     prepare_output_dir(cfg)   # the main process, once the run is known to start: mkdir, config.yaml
 
 The output directory guard (as HF `TrainingArguments(overwrite_output_dir)`): a directory holding an
@@ -14,6 +14,7 @@ refuses: the next free `<name>-2`, `<name>-3`, ... is used instead, so the no-ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -265,6 +266,17 @@ def check_deepspeed_config(dist: DistributedConfig) -> None:
         raise ValueError(f"distributed.deepspeed_config: {p} is not valid JSON ({e})") from None
 
 
+def check_save_merged(cfg: Config) -> None:
+    """`checkpoint.save_merged` needs the whole base model in one process: not under ZeRO-3."""
+    if not cfg.checkpoint.save_merged:
+        return
+    from distsft.distributed import requested_deepspeed
+
+    if int((requested_deepspeed(cfg.distributed) or {}).get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise ValueError("checkpoint.save_merged=true is not supported under ZeRO-3 (the base weights are "
+                         "partitioned); merge the exported adapter into the base model after training")
+
+
 def check_resume(cfg: Config) -> None:
     """An explicit checkpoint exists and verifies (its manifest, every file's size and SHA-256)."""
     from distsft.checkpoint import CheckpointError, find_resume_checkpoint
@@ -279,19 +291,23 @@ def check_resume(cfg: Config) -> None:
         raise ValueError(f"checkpoint.resume_from_checkpoint: {msg}") from None
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config) -> Config:
     """Every check above, cheapest first; raises ValueError whose message starts with the dotted key.
-    Writes nothing. Resolves `train.output_dir` (see `resolve_output_dir`). Also sets the warning filters
-    (distsft.logs) first, before the libraries it loads can print."""
+    Writes nothing. Returns the config the run uses: a copy of `cfg` with `train.output_dir` resolved (see
+    `resolve_output_dir`); `cfg` itself is left as it is. Also sets the warning filters (distsft.logs)
+    first, before the libraries it loads can print."""
     from distsft.logs import quiet_libraries
     from distsft.tracking import check_trackers
 
     quiet_libraries()
 
     check_resume(cfg)
-    resolve_output_dir(cfg)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))  # the run's copy, whose output
+    resolve_output_dir(cfg)                                                # directory is set here
     check_data_paths(cfg.data)
     check_deepspeed_config(cfg.distributed)
+    check_save_merged(cfg)
     check_trackers(cfg.logging)
     check_model(cfg.model)
     check_tokenizer(cfg.model)
+    return cfg

@@ -2,16 +2,16 @@
 
     timer = StepTimer()                                   # every rank
     meter = ThroughputMeter(world_size=W, peak_flops=peak_flops(name, cfg.logging.peak_tflops),
-                            total_steps=max_steps, start_step=step, device=acc.device)
-    with timer.phase("data"): batch = next(it)
+                            total_steps=max_steps, start_step=step, device=acc.device, model_config=hf_config)
+    with timer.phase("data"): batch = collate(samples, pad_token_id=pad); meter.observe(samples, batch)
     with timer.phase("fwd_bwd"): ...
-    meter.update(samples=..., input_tokens=..., label_tokens=..., flops=train_flops(...))  # this rank's
     metrics = meter.compute(step, timer=timer, reduce=lambda t: acc.reduce(t, "sum"))      # every rank
 
-Counts given to `update` are this rank's; `compute`/`totals` sum them over ranks with `reduce` (a
-collective: call it on every rank at the same step), or, with no `reduce`, take them as already global.
-Metric names: `perf/*` (throughput, MFU), `time/*` (seconds per optimizer step by phase), `mem/*` (GiB,
-this rank's CUDA allocator; absent on CPU), `progress/eta_s`.
+Counts given to `observe` (a micro-batch) and `update` (any counts) are this rank's; `compute`/`totals` sum
+them over ranks with `reduce` (a collective: call it on every rank at the same step), or, with no `reduce`,
+take them as already global. Metric names: `data/batch_fill` (real tokens / padded slots, this rank's),
+`perf/*` (throughput, MFU), `time/*` (seconds per optimizer step by phase), `mem/*` (GiB, this rank's CUDA
+allocator; absent on CPU), `progress/eta_s`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from distsft.flops import mfu
+from distsft.flops import doc_lengths_from_position_ids, mfu, train_flops
 
 logger = logging.getLogger("distsft.progress")
 
@@ -93,7 +93,9 @@ class ThroughputMeter:
     """Throughput, MFU, step-time split, memory and ETA per logging window, and totals for the run.
 
     `peak_flops`: one device's peak FLOP/s (`flops.peak_flops`), None to omit MFU. `total_steps`: the
-    run's last optimizer step, for the ETA. `start_step`: the step the loop starts from (a resume)."""
+    run's last optimizer step, for the ETA. `start_step`: the step the loop starts from (a resume).
+    `model_config` (the HF config) and `lora_params` (`flops.trainable_params`): what `observe` counts the
+    model FLOPs of a micro-batch with."""
 
     def __init__(
         self,
@@ -103,9 +105,12 @@ class ThroughputMeter:
         total_steps: int | None = None,
         start_step: int = 0,
         device: Any = None,
+        model_config: Any = None,
+        lora_params: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self.world_size = world_size
+        self.model_config, self.lora_params = model_config, lora_params
         self._clock = clock
         self.peak_flops = peak_flops
         self.total_steps = total_steps
@@ -117,6 +122,24 @@ class ThroughputMeter:
         self._total = dict.fromkeys(_COUNTS, 0.0)
         self._peak_mem_gib = 0.0
         self._last_step = start_step
+        self._fill = [0, 0]  # this rank's real tokens and padded slots in the current window
+
+    def observe(self, samples: list[dict], batch: dict) -> None:
+        """Count one micro-batch of this rank: the dataset rows `samples` as `collate` padded them into
+        `batch`. Documents, tokens fed (padding excluded), tokens in the loss, model FLOPs (when a
+        `model_config` was given) and the window's batch fill."""
+        import torch
+
+        from distsft.loss import count_targets
+
+        lengths = torch.tensor([len(x["input_ids"]) for x in samples])
+        real = torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]  # (B, T) not padding
+        docs = doc_lengths_from_position_ids(batch["position_ids"], real)
+        flops = 0.0 if self.model_config is None else train_flops(self.model_config, docs, lora_params=self.lora_params)
+        self.update(samples=len(docs), input_tokens=int(lengths.sum()), label_tokens=count_targets([batch]),
+                    flops=flops)
+        self._fill[0] += int(lengths.sum())
+        self._fill[1] += real.numel()
 
     def update(self, *, samples: int, input_tokens: int, label_tokens: int, flops: float = 0.0) -> None:
         """Add this rank's work (per micro-batch or per step): documents/rows, tokens fed to the model
@@ -147,7 +170,8 @@ class ThroughputMeter:
         dt = max(now - self._window_t0, 1e-9)
         steps = max(step - self._window_step, 1)
         w, ws = self._window, self.world_size
-        out: dict[str, float] = {
+        out: dict[str, float] = {"data/batch_fill": self._fill[0] / self._fill[1]} if self._fill[1] else {}
+        out |= {
             "perf/samples_per_s": w["samples"] / dt,
             "perf/input_tokens_per_s": w["input_tokens"] / dt,
             "perf/label_tokens_per_s": w["label_tokens"] / dt,
@@ -172,7 +196,7 @@ class ThroughputMeter:
         self._peak_mem_gib = max(self._peak_mem_gib, mem.get("mem/peak_allocated_gib", 0.0))
         if self.total_steps is not None:
             out["progress/eta_s"] = max(self.total_steps - step, 0) * dt / steps
-        self._window = dict.fromkeys(_COUNTS, 0.0)
+        self._window, self._fill = dict.fromkeys(_COUNTS, 0.0), [0, 0]
         self._window_t0, self._window_step, self._last_step = now, step, step
         return out
 

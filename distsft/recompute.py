@@ -1,8 +1,9 @@
-"""Recomputation chosen by a memory budget: checkpoint as few decoder layers as fit (`gradient_checkpointing: auto`).
+"""Recomputation (`model.gradient_checkpointing`): which decoder layers, chosen by a memory budget for `auto`
+(as few as fit), and distsft's checkpoint that recomputes them, inputs optionally in host memory.
 
+    plan = setup_recomputation(model, cfg.model, micro_batch=2, seq_len=2048, packing=True, fused_loss=True)
     plan = plan_recomputation(model, batch_size=2, seq_len=2048)        # budget: 90% of the GPU's memory
-    apply_recomputation(model, plan)                                     # per-layer, non-reentrant
-    logger.info("%s", plan)
+    apply_recomputation(model, plan, fn=device_checkpoint)               # per layer
 
 Checkpointing a decoder layer trades its saved activations for one more forward of that layer in the
 backward pass (~1/3 of its cost). `auto` pays that only for the layers the budget requires.
@@ -38,17 +39,50 @@ Mechanism: transformers' own per-layer switch. Every decoder layer of the suppor
 `GradientCheckpointingLayer` (transformers >= 4.52 incl. 5.17 and 5.23), which checkpoints its forward
 through `self._gradient_checkpointing_func` when `self.gradient_checkpointing and self.training`; we set
 both attributes per instance, nothing else (no class or module-tree changes, state dicts unchanged).
+`setup_recomputation` is the one place a run sets it up: the plan (`true`: every layer; `auto`: as above),
+and distsft's own checkpoint for the chosen layers (below), which `recomputing()` tells the patched
+forwards about.
+
+The checkpoint (`device_checkpoint`, `offloaded_checkpoint`). A checkpointed layer keeps only its input
+hidden states (B, T, d) for the backward pass, which recomputes the layer from them. At long context these
+inputs are what is left: Llama-3.1-8B at 131,072 tokens keeps 32 x 1 GiB. Offloading
+(`model.offload_checkpoints`) moves each input to pinned CPU memory during the forward and brings it back
+just before its layer's backward:
+
+    forward, layer i:   out = layer(x_i) without saving anything;  x_i -> host (copy stream, async)
+    backward, layer i:  wait for x_i on the GPU (prefetched while layer i+1 ran its backward);
+                        start bringing x_{i-1} back;  recompute out = layer(x_i) with grad;  backprop
+
+Both copies run on a side stream, ordered against the compute stream with stream waits (and
+`record_stream` for the forward's copy, so the caching allocator never hands out x_i's memory while it is
+still being read; the backward's buffers are the compute stream's own, freed with no deferral), so
+they overlap the layers' compute instead of stalling it; one layer's input is on the GPU ahead of use
+(double buffering). The recompute restores the CPU and CUDA RNG states of the forward, so dropout draws
+the same masks. On CPU tensors the "offload" is a copy, so the mechanism is testable there.
+
+The recompute skips work whose result backward never reads: `recomputing()` is true while a layer is
+recomputed, and the patched MLP (distsft/patching.py) then skips the down projection's GEMMs, whose
+output only feeds the residual sum leaving the layer (backward needs the projection's input, not its
+output): ~1/7 of a Llama layer's forward FLOPs, on every recompute.
+
+It is a reentrant checkpoint: the layer's recompute and backward run inside this node's backward, where
+DDP's and DeepSpeed's gradient hooks fire as in any backward and ZeRO-3's hooks on the layer gather its
+weights again (tests/integration checks the losses of every mode against one process).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from distsft.attention import packed_attention_kwargs
+from distsft.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +134,12 @@ class RecomputePlan:
         out.update({k.replace("_bytes", "_gib"): v / GIB for k, v in d.items()
                     if k.endswith("_bytes") and k != "budget_bytes"})
         return out
+
+    def event_fields(self) -> dict:
+        """The `recomputation` event's fields: the estimate when planned from a budget, else the counts."""
+        if self.budget_bytes is not None:
+            return self.as_dict()
+        return {"checkpointed_layers": len(self.checkpointed), "num_layers": self.num_layers}
 
     def __str__(self) -> str:
         k = len(self.checkpointed)
@@ -286,7 +326,7 @@ def plan_recomputation(model: nn.Module, *, batch_size: int, seq_len: int, budge
     data.max_seq_len). `budget_bytes`: default `default_budget_bytes(device)`. `fused_loss`: whether the
     loss runs the chunked fused linear cross-entropy (else the full logits are counted). `decoder_kwargs`:
     extra decoder inputs of the real batches, e.g. the packed 4-D attention mask. `offload`: checkpointed
-    layers keep their inputs in host memory (distsft/offload.py), so c = 0 on the device.
+    layers keep their inputs in host memory (`offloaded_checkpoint`), so c = 0 on the device.
     """
     lm = _causal_lm(model)
     layers = decoder_layers(model)
@@ -323,6 +363,130 @@ def _with_k(plan: RecomputePlan, k: int) -> RecomputePlan:
     return RecomputePlan(**{**plan.__dict__, "checkpointed": tuple(range(k))})
 
 
+# ----------------------------------------------------------------------------------------------------
+# The checkpoint: a layer's input kept on the device or in pinned host memory
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+_last_forward = None  # weakref to the ctx of the most recent forward: the next one's predecessor
+_recompute_depth = 0
+_GRAD_ANCHOR = torch.zeros((), requires_grad=True)
+"""An input that requires grad, so the node is recorded even when the hidden states do not (layer 0's
+input is the frozen embedding's output); the layer's LoRA gradients are produced inside its backward."""
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer is being recomputed for its backward (read by the patched MLP and
+    the fused LoRA projections: what the recompute may skip or keep)."""
+    return _recompute_depth > 0
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device)
+    return _copy_streams[device]
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+class _LayerCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, offload, anchor, hidden, *others):
+        global _last_forward
+        ctx.run, ctx.others, ctx.device = run, others, hidden.device
+        ctx.rng = _rng_state(hidden.device)
+        with torch.no_grad():
+            out = run(hidden, *others)
+        if not offload:
+            host = hidden.detach()  # kept on the device: the plain checkpoint
+        elif hidden.is_cuda:
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            stream = _copy_stream(hidden.device)
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))  # x_i is written
+            with torch.cuda.stream(stream):
+                host.copy_(hidden, non_blocking=True)
+            hidden.record_stream(stream)  # not reused before the copy has read it
+        else:
+            host = hidden.detach().clone()
+        ctx.host, ctx.on_device = host, None
+        ctx.prev = _last_forward  # the layer before this one (its input is needed right after ours)
+        _last_forward = weakref.ref(ctx)
+        return out
+
+    @staticmethod
+    def _fetch(ctx) -> None:
+        """Start bringing this layer's input back to the GPU (idempotent)."""
+        if ctx.on_device is not None:
+            return
+        if ctx.device.type != "cuda" or ctx.host.device == ctx.device:
+            ctx.on_device, ctx.ready = ctx.host, None
+            return
+        # The buffer belongs to the compute stream, which reads and frees it: its memory is reusable as soon
+        # as the layer's backward is enqueued. (Allocated on the copy stream and record_stream'ed here, each
+        # buffer stayed reserved in the copy stream's pool until the GPU had finished with it, and the host
+        # runs layers ahead of the GPU in the backward: up to 8 x 32 MiB held at the 8B QLoRA step's peak.)
+        # The copy waits for the compute stream's work so far, which may still read what the block held.
+        compute = torch.cuda.current_stream(ctx.device)
+        x = torch.empty(ctx.host.shape, dtype=ctx.host.dtype, device=ctx.device)
+        stream = _copy_stream(ctx.device)
+        stream.wait_stream(compute)
+        with torch.cuda.stream(stream):
+            x.copy_(ctx.host, non_blocking=True)
+        ctx.on_device, ctx.ready = x, stream.record_event()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        global _recompute_depth
+        _LayerCheckpoint._fetch(ctx)
+        prev = ctx.prev() if ctx.prev is not None else None
+        if prev is not None and getattr(prev, "host", None) is not None:
+            _LayerCheckpoint._fetch(prev)  # overlaps with this layer's recompute and backward
+        if ctx.ready is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.ready)
+        x = ctx.on_device.detach().requires_grad_(True)
+        ctx.host = ctx.on_device = None
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        _recompute_depth += 1
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+                out = ctx.run(x, *ctx.others)
+        finally:
+            _recompute_depth -= 1
+        torch.autograd.backward(out, grad_out)
+        return (None, None, None, x.grad, *([None] * len(ctx.others)))
+
+
+def offloaded_checkpoint(function, hidden_states, *args, **kwargs):
+    """transformers' `_gradient_checkpointing_func` signature: `function(hidden_states, *args, **kwargs)`
+    run as one node whose saved input is in host memory. Only `hidden_states` may require grad."""
+    return _checkpoint(True, function, hidden_states, *args, **kwargs)
+
+
+def device_checkpoint(function, hidden_states, *args, **kwargs):
+    """The same with the saved input kept on the device (no copies; the recompute savings still apply)."""
+    return _checkpoint(False, function, hidden_states, *args, **kwargs)
+
+
+def _checkpoint(offload: bool, function, hidden_states, *args, **kwargs):
+    if kwargs:
+        def run(h, *a):
+            return function(h, *a, **kwargs)
+    else:
+        run = function
+    for a in args:
+        if torch.is_tensor(a) and a.requires_grad:
+            raise ValueError("offloaded_checkpoint: only the hidden states may require grad")
+    return _LayerCheckpoint.apply(run, offload, _GRAD_ANCHOR, hidden_states, *args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setting it up
+
+
 def apply_recomputation(model: nn.Module, plan: RecomputePlan, fn=None) -> int:
     """Checkpoint exactly the plan's layers and no others; returns how many. `fn`: the checkpoint function
     (transformers' `_gradient_checkpointing_func` signature); default torch's non-reentrant checkpoint."""
@@ -335,3 +499,34 @@ def apply_recomputation(model: nn.Module, plan: RecomputePlan, fn=None) -> int:
         layer.gradient_checkpointing = i in chosen
         layer._gradient_checkpointing_func = fn
     return len(chosen)
+
+
+def setup_recomputation(model: nn.Module, cfg: ModelConfig, *, micro_batch: int, seq_len: int, packing: bool,
+                        fused_loss: bool) -> RecomputePlan | None:
+    """Which decoder layers of the trained module (`CausalLMWithLoss`, on its device, prepared) recompute
+    their activations in backward, and how: `model.gradient_checkpointing` true: all; `auto`: the fewest
+    that fit `model.memory_budget_gib` (measured on this device on a micro-batch of `micro_batch` x
+    `seq_len`, packed or not, with the loss fused or not); through distsft's checkpoint in every mode,
+    inputs offloaded with `model.offload_checkpoints`. Returns the plan (None when nothing is recomputed)."""
+    mode = cfg.gradient_checkpointing
+    if mode is False:
+        return None
+    offload = cfg.offload_checkpoints
+    budget = None if cfg.memory_budget_gib is None else int(cfg.memory_budget_gib * 2**30)
+    if mode == "auto":
+        dtype = next(model.causal_lm.parameters()).dtype
+        positions = torch.arange(seq_len).expand(micro_batch, -1)
+        extra = packed_attention_kwargs(positions, cfg.attn_implementation, dtype) if packing else {}
+        extra = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) and k == "attention_mask" else v
+                 for k, v in extra.items()}
+        plan = plan_recomputation(model, batch_size=micro_batch, seq_len=seq_len, budget_bytes=budget,
+                                  fused_loss=fused_loss, decoder_kwargs=extra, offload=offload)
+    else:
+        n = len(decoder_layers(model))
+        plan = RecomputePlan(num_layers=n, checkpointed=tuple(range(n)), budget_bytes=None,
+                             layer_activation_bytes=0, checkpointed_layer_bytes=0, fixed_bytes=0, shared_bytes=0,
+                             head_bytes=0, backward_bytes=0, batch_shape=(micro_batch, seq_len))
+    apply_recomputation(model, plan, fn=offloaded_checkpoint if offload else device_checkpoint)
+    logger.info("recomputation: %s%s", plan if mode == "auto" else f"all {plan.num_layers} decoder layers",
+                " (inputs offloaded to host)" if offload else "")
+    return plan

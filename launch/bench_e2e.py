@@ -64,7 +64,7 @@ def build_qlora(shape: str, gc: bool, offload: bool, bnb_dequant: bool = False, 
     from distsft import qlora
     from distsft.config import KernelsConfig, LoraConfig, ModelConfig
     from distsft.model import build_model
-    from distsft.offload import device_checkpoint, offloaded_checkpoint
+    from distsft.recompute import device_checkpoint, offloaded_checkpoint
 
     qlora.KEEP_RECOMPUTED_DEQUANT = keep_dequant
     wrapper, _ = build_model(
@@ -156,7 +156,7 @@ def build(provider: str, shape: str, gc: bool, attn: str = "sdpa", offload: bool
     kcfg = KernelsConfig()
     apply_kernels(peft_model, kcfg)
     if gc:  # distsft's own checkpoint (the recompute skips the down projection), inputs on host with offload
-        from distsft.offload import device_checkpoint, offloaded_checkpoint
+        from distsft.recompute import device_checkpoint, offloaded_checkpoint
 
         for layer in model.model.layers:
             layer._gradient_checkpointing_func = offloaded_checkpoint if offload else device_checkpoint

@@ -57,6 +57,8 @@ def load_source(spec: DataSourceConfig, cfg: DataConfig, tokenizer, *, role: str
     """One source, tokenized: from the cache when an entry for the same data, tokenizer, template and
     settings exists, else built (and cached)."""
     label, tpl = template or resolve_template(cfg.chat_template, tokenizer)
+    if spec.dataset is not None:  # a `datasets.Dataset` given in place of a path: found by its `memory:` handle
+        register_dataset(spec.dataset)
     raw = open_source(spec.path, split=spec.split, subset=spec.subset, revision=spec.revision)
     root = cache.cache_root(cfg.cache_dir)
     path = None

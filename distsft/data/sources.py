@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from distsft.config import memory_handle
 from distsft.data.report import DataError, FileReport
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv", ".arrow")
@@ -58,8 +59,7 @@ class BadRow:
 def register_dataset(dataset: Any) -> str:
     """Keep an in-memory `datasets.Dataset` in this process and return the `memory:` handle that stands
     for it in `DataSourceConfig.path` (each rank registers its own copy of the same dataset)."""
-    fingerprint = getattr(dataset, "_fingerprint", None) or f"id{id(dataset):x}"
-    handle = f"memory:{fingerprint}"
+    handle = memory_handle(dataset)
     _MEMORY[handle] = dataset
     return handle
 

@@ -27,7 +27,7 @@ from .reporting import Report, fmt, provenance, run_quiet
 TRAIN = REPO / "distsft" / "train.py"
 SCRIPT = REPO / "launch" / "bench_multigpu.py"  # its `_trainer` and `_prebuild` commands run the entry points below
 SHAPES = REPO / "launch" / "shapes"
-REQUEUE_EXIT_CODE = 75  # distsft.distributed.REQUEUE_EXIT_CODE (not imported: the parent stays light)
+REQUEUE_EXIT_CODE = 75  # distsft.lifecycle.REQUEUE_EXIT_CODE (not imported: the parent stays light)
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k_train_alpaca.json"
 T0 = time.monotonic()  # --deadline-s counts from here
 TINY_LAYERS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -46,9 +46,10 @@ def trainer_entry(argv: list[str]) -> None:
 
     if importlib.util.find_spec("distsft") is None:  # a checkout that is not installed
         sys.path.append(str(REPO))
-    from distsft.cli import exit_cleanly, parse_args, run
+    from distsft.entry import exit_cleanly, parse_args, run
 
     cfg = parse_args(argv)
+    from distsft.train import main  # torch and the rest load after the command line is checked
     rank = int(os.environ.get("RANK", "0"))
     timing = Path(cfg.train.output_dir) / f"bench_timing.rank{rank:03d}.jsonl"
 
@@ -58,7 +59,7 @@ def trainer_entry(argv: list[str]) -> None:
             f.write(json.dumps({"what": what, "rank": rank, **fields}, default=str) + "\n")
 
     try:
-        run(cfg)
+        run(main, cfg)
     except SystemExit as e:  # 75 after a preemption, 65 diverged
         note("exit", code=e.code, time=time.time())
         raise

@@ -79,7 +79,8 @@ def test_adapter_reload_and_merged_export_match(run):
     from transformers import AutoModelForCausalLM
 
     from distsft.config import LoraConfig
-    from distsft.model import add_lora, merged_model
+    from distsft.export import merged_model
+    from distsft.model import add_lora
 
     tmp, out, _ = run
     base = _quantized_base(tmp)

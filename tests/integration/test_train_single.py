@@ -179,8 +179,7 @@ def test_recomputation_through_the_trainer(runs, tmp_path, mode, monkeypatch):
     layer; a roomy one: none) train the same losses as the full run (dropout 0.1: the recompute replays
     its masks), the checkpointed layers really go through distsft's checkpoint (offloaded or not), and
     the plan is logged as an event."""
-    import distsft.offload
-    import distsft.train as train_mod
+    import distsft.recompute as recompute
 
     calls = {"offloaded": 0, "device": 0}
 
@@ -190,8 +189,8 @@ def test_recomputation_through_the_trainer(runs, tmp_path, mode, monkeypatch):
             return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(train_mod, "offloaded_checkpoint", counting("offloaded", distsft.offload.offloaded_checkpoint))
-    monkeypatch.setattr(train_mod, "device_checkpoint", counting("device", distsft.offload.device_checkpoint))
+    monkeypatch.setattr(recompute, "offloaded_checkpoint", counting("offloaded", recompute.offloaded_checkpoint))
+    monkeypatch.setattr(recompute, "device_checkpoint", counting("device", recompute.device_checkpoint))
     extra = {"all-offloaded": {"model.gradient_checkpointing": "true", "model.offload_checkpoints": "true"},
              "auto-tight": {"model.gradient_checkpointing": "auto", "model.memory_budget_gib": 1e-6},
              "auto-roomy": {"model.gradient_checkpointing": "auto", "model.memory_budget_gib": 1000}}[mode]

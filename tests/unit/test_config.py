@@ -138,7 +138,7 @@ def test_an_override_value_is_never_silently_cut():
     dotted overrides are parsed as YAML, where ` #` starts a comment, and `resume_from_checkpoint=auto`
     then resumed another run and overwrote its adapter. A string setting now takes the text as typed
     wherever YAML would read something else; any other setting refuses a comment, naming the key."""
-    from distsft.cli import parse_args
+    from distsft.entry import parse_args
 
     assert load_config(overrides=["train.output_dir=runs/exp #2"]).train.output_dir == "runs/exp #2"
     cfg = load_config(overrides=["logging.run_name=#1", "logging.wandb_notes=0123", "model.revision=2024_01",

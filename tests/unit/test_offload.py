@@ -1,4 +1,4 @@
-"""Checkpointed layers with host-offloaded inputs (`distsft.offload`) give the uncheckpointed model's loss
+"""Checkpointed layers with host-offloaded inputs (`distsft.recompute`) give the uncheckpointed model's loss
 and LoRA gradients exactly, including with dropout (the recompute replays the forward's RNG state)."""
 
 import copy
@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 import distsft.fused_lora as fused_lora
 import distsft.patching as patching
 from distsft.config import KernelsConfig
-from distsft.offload import device_checkpoint, offloaded_checkpoint
+from distsft.recompute import device_checkpoint, offloaded_checkpoint
 
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16)

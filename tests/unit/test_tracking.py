@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from distsft.config import LoggingConfig
-from distsft.tracking import METRICS_FILE, SUMMARY_FILE, Tracker, check_trackers, is_secret_key, redact
+from distsft.redaction import is_secret_key, redact
+from distsft.tracking import METRICS_FILE, SUMMARY_FILE, Tracker, check_trackers
 
 FAKE_WANDB_KEY = "fakewandbkey0123456789abcdefUNIQUEa1b2c3"
 FAKE_HF_TOKEN = "hf_FAKEuniqueTOKENforDistsftTests0123456789"
