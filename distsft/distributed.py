@@ -275,6 +275,142 @@ def prepare_zero3(accelerator, model: torch.nn.Module, layers, embeddings: torch
     return filled
 
 
+def _list_modules_once(module: torch.nn.Module) -> None:
+    """Give this module instance a `named_modules` that walks its tree once per prefix and then returns the
+    same list (as `_list_parameters_once` for parameters). DeepSpeed's engine walks every module of the
+    model twice per forward under ZeRO-3 (marking each module's parameter dict as in or out of a forward):
+    ~2,700 modules for an 8B model with its adapter, through a recursive generator. The tree is fixed once
+    the model is prepared (recomputation changes flags on the layers, not the tree; merging is refused
+    under ZeRO-3); undone by deleting the instance attribute."""
+    walk = module.named_modules
+    listed: dict[tuple, tuple] = {}
+
+    def named_modules(memo=None, prefix: str = "", remove_duplicate: bool = True):
+        if memo is not None:  # a caller that shares its memo across trees: walk as usual
+            return walk(memo=memo, prefix=prefix, remove_duplicate=remove_duplicate)
+        key = (prefix, remove_duplicate)
+        if key not in listed:
+            listed[key] = tuple(walk(prefix=prefix, remove_duplicate=remove_duplicate))
+        return iter(listed[key])
+
+    module.__dict__["named_modules"] = named_modules
+
+
+def _quiet_debug_prints() -> bool:
+    """DeepSpeed's stage-3 modules call `print_rank_0(message, force=False)` a few times for every parameter
+    they fetch, release or partition (thousands of calls per step), and each call asks the process group
+    for the rank before it checks whether it prints at all. Replace it, in every module that holds it, by
+    one that checks first and then calls the original: the same output, without the rank lookups."""
+    import importlib
+
+    patched = False
+    for name in ("partition_parameters", "partitioned_param_coordinator", "parameter_offload", "stage3"):
+        module = importlib.import_module(f"deepspeed.runtime.zero.{name}")
+        original = getattr(module, "print_rank_0", None)
+        if original is None or getattr(original, "_distsft_quiet", False):
+            continue
+
+        def print_rank_0(message, debug=False, force=False, _original=original):
+            if debug or force:
+                _original(message, debug=debug, force=force)
+
+        print_rank_0._distsft_quiet = True
+        module.print_rank_0 = print_rank_0
+        patched = True
+    return patched
+
+
+def _fused_grad_norm(optimizer) -> bool:
+    """The gradient norm of DeepSpeed's ZeRO-3 step (`get_grad_norm_direct`) launches a cast and a norm per
+    trainable tensor (448 of each for an 8B LoRA adapter) and then sums them. For the 2-norm without model
+    or expert parallelism, compute the same per-tensor norms with one `torch._foreach_norm` (a few launches)
+    and the same all-reduced sum of squares; everything else goes to DeepSpeed's own method. Returns
+    whether the instance was given the fused version."""
+    original = getattr(optimizer, "get_grad_norm_direct", None)
+    needed = ("_get_param_partition_group", "model_parallel_group", "device")
+    if original is None or not all(hasattr(optimizer, a) for a in needed):
+        return False
+    import deepspeed.comm as dist
+
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        expert = getattr(optimizer, "_autoep_expert_parallel_group", None)
+        model_parallel = optimizer.model_parallel_group is not None and dist.get_world_size(
+            group=optimizer.model_parallel_group) > 1
+        if (float(norm_type) != 2.0 or not gradients or model_parallel
+                or (expert is not None and expert(params) is not None)):
+            return original(gradients, params, norm_type)
+        norms = torch._foreach_norm([g.to(optimizer.device, non_blocking=True) for g in gradients], 2.0,
+                                    dtype=torch.float32)
+        total = torch.stack(norms).square().sum()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer._get_param_partition_group(params[0]))
+        total = total.sqrt()
+        return torch.where(total.isfinite(), total, torch.tensor(-1.0, device=total.device))
+
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
+    return True
+
+
+def _bulk_release_at_step(offload) -> bool:
+    """At every optimizer step DeepSpeed releases every parameter of the model (`partition_all_parameters`):
+    one `partition` call per parameter through a torch.compile-disabled wrapper. After a LoRA backward the
+    parameters still held are the persistent ones (the adapter and the norms, ~500 for an 8B model), which
+    its `_post_step` gathers again right after the update. Release the same parameters in one `partition`
+    call over the list, with the same checks before (in-flight gathers awaited, active-module marks
+    cleared) and after (every parameter partitioned). Returns whether the instance was given it."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    coordinator = offload.get_param_coordinator()
+    prefix = "_PartitionedParameterCoordinator__"
+    if not all(hasattr(coordinator, prefix + a) for a in ("inflight_param_registry", "n_available_params")):
+        return False
+
+    def partition_all_parameters():
+        coordinator = offload.get_param_coordinator()
+        inflight = getattr(coordinator, prefix + "inflight_param_registry")
+        params = list(iter_params(offload.module, recurse=True))
+        available = []
+        for param in params:
+            if param in inflight:
+                inflight.pop(param).wait()
+            param.ds_active_sub_modules.clear()
+            if param.ds_status == ZeroParamStatus.AVAILABLE:
+                available.append(param)
+        if available:
+            with torch.no_grad():
+                available[0].partition(param_list=available)
+            setattr(coordinator, prefix + "n_available_params",
+                    getattr(coordinator, prefix + "n_available_params") - sum(p.ds_numel for p in available))
+        for param in params:
+            if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+                raise RuntimeError(f"{param.ds_summary()} expected to be released")
+
+    offload.partition_all_parameters = partition_all_parameters
+    return True
+
+
+def speed_up_zero3(engine, enabled: bool) -> list[str]:
+    """After `prepare` under ZeRO-3: replace four of DeepSpeed's per-step host costs by equivalents
+    (`distributed.zero3_fast_paths`; what each saves on one H100 is in launch/results/zero_h100.md).
+    At one GPU and an 8B adapter the step is bound by DeepSpeed's Python, not by the GPU, so host work
+    per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log."""
+    optimizer = getattr(engine, "optimizer", None)
+    if not enabled or engine is None or type(optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3":
+        return []
+    done = []
+    if isinstance(getattr(engine, "module", None), torch.nn.Module):
+        _list_modules_once(engine.module)
+        done.append("the module tree listed once")
+    if _quiet_debug_prints():
+        done.append("debug prints checked before the rank lookup")
+    if _fused_grad_norm(optimizer):
+        done.append("gradient norm in one foreach launch")
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is not None and _bulk_release_at_step(offload):
+        done.append("parameters released in one call at the step")
+    return done
+
+
 def register_head_for_zero3(wrapper, accelerator_or_none=None) -> None:
     """ZeRO-3 gathers a module's parameters around that module's own forward. The loss wrapper reads
     `lm_head.weight` without calling `lm_head`, so register it as an external parameter of the wrapper:
@@ -327,7 +463,7 @@ class StepBackend:
 
 
 def prepare_for_mode(accelerator, model, optimizer, *, layers, dtype: torch.dtype, micro_batch: int, accum: int,
-                     max_grad_norm: float, zero3_gather: str) -> tuple:
+                     max_grad_norm: float, zero3_gather: str, zero3_fast_paths: bool = True) -> tuple:
     """`accelerator.prepare` for this launch's mode: first the DeepSpeed config filled in (`configure_deepspeed`)
     and ZeRO-3's gathering set up (`prepare_zero3`), after it the LM head registered with ZeRO-3. `model`:
     the loss wrapper (`CausalLMWithLoss`), `layers` its decoder layers, `dtype` its compute dtype. Returns
@@ -337,6 +473,13 @@ def prepare_for_mode(accelerator, model, optimizer, *, layers, dtype: torch.dtyp
     model, optimizer = accelerator.prepare(model, optimizer)
     register_head_for_zero3(accelerator.unwrap_model(model))
     backend = StepBackend(accelerator, model, optimizer, accum=accum, max_grad_norm=max_grad_norm)
+    if zero_stage(accelerator) == 3:
+        fast = speed_up_zero3(backend.engine, zero3_fast_paths)
+        logger.info("ZeRO-3 host fast paths: %s", "; ".join(fast) if fast else
+                    "off (distributed.zero3_fast_paths=false)" if not zero3_fast_paths else
+                    f"none applied (optimizer {type(getattr(backend.engine, 'optimizer', None)).__name__})")
+        if filled is not None:
+            filled = {**filled, "fast_paths": fast}
     return model, optimizer, backend, filled
 
 

@@ -213,7 +213,8 @@ def main(cfg: Config) -> TrainOutput:
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer, backend, zero3_filled = prepare_for_mode(  # backend: backward and step, the same in every mode
         accelerator, model, optimizer, layers=decoder_layers(model), dtype=compute_dtype, micro_batch=micro,
-        accum=accum, max_grad_norm=cfg.train.max_grad_norm, zero3_gather=cfg.distributed.zero3_gather)
+        accum=accum, max_grad_norm=cfg.train.max_grad_norm, zero3_gather=cfg.distributed.zero3_gather,
+        zero3_fast_paths=cfg.distributed.zero3_fast_paths)
     unwrapped = accelerator.unwrap_model(model)
     recompute_plan = setup_recomputation(unwrapped, cfg.model, micro_batch=micro, seq_len=cfg.data.max_seq_len,
                                          packing=cfg.data.packing, fused_loss=cfg.kernels.fused_linear_cross_entropy)

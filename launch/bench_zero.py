@@ -13,6 +13,7 @@ A mode is a DeepSpeed setting with optional variants joined by '+':
   zero2-ds        zero2.json with distributed.zero12=deepspeed (DeepSpeed's ZeRO-2 engine, for comparison)
   zero3           ds_configs/zero3.json (`distributed.zero3_gather=layer`: whole decoder layers gathered)
   zero3-module    zero3.json with distributed.zero3_gather=module (DeepSpeed's per-module gathering)
+  zero3-dsonly    zero3.json with distributed.zero3_fast_paths=false (DeepSpeed's own per-step host code)
   +gc             recompute every decoder layer (model.gradient_checkpointing=true)
   +lean           recompute with the checkpointed inputs in host memory (+ model.offload_checkpoints=true)
   +qlora          a 4-bit NF4 base (model.load_in_4bit=true)
@@ -64,6 +65,7 @@ BASES = {
     "zero2-ds": {"distributed.deepspeed_config": "zero2", "distributed.zero12": "deepspeed"},
     "zero3": {"distributed.deepspeed_config": "zero3"},
     "zero3-module": {"distributed.deepspeed_config": "zero3", "distributed.zero3_gather": "module"},
+    "zero3-dsonly": {"distributed.deepspeed_config": "zero3", "distributed.zero3_fast_paths": "false"},
 }
 VARIANTS = {
     "gc": {"model.gradient_checkpointing": "true"},
