@@ -22,15 +22,19 @@ if os.environ.get("DISTSFT_ZERO3_SPLIT") == "1":
     _steps = {"n": 0}
     _totals: dict[str, list[float]] = {}  # name -> [calls, seconds] after the warm-up steps
     _TARGETS = {  # module -> class -> methods
-        "deepspeed.runtime.engine": {"DeepSpeedEngine": ["forward", "backward", "step"]},
+        "deepspeed.runtime.engine": {"DeepSpeedEngine": ["forward", "backward", "step", "_forward_prologue",
+                                                         "_forward_epilogue"]},
         "deepspeed.runtime.zero.stage3": {"DeepSpeedZeroOptimizer_Stage3": [
             "step", "_partition_all_parameters", "_post_step", "_get_norm_groups", "_optimizer_step",
             "_reassign_or_swap_out_partitioned_parameters", "unscale_and_clip_grads", "reduce_leaf_module_grads",
             "reduce_independent_p_g_buckets_and_remove_grads", "independent_gradient_partition_epilogue",
-            "_overflow_check_and_loss_scale_update", "zero_grad"]},
+            "_overflow_check_and_loss_scale_update", "zero_grad", "partition_grads",
+            "_DeepSpeedZeroOptimizer_Stage3__add_grad_to_ipg_bucket",
+            "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+            "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"]},
         "deepspeed.runtime.zero.partitioned_param_coordinator": {"PartitionedParameterCoordinator": [
             "fetch_sub_module", "release_sub_module", "release_and_reset_all", "reset_step"]},
-        "deepspeed.runtime.zero.parameter_offload": {"DeepSpeedZeRoOffload": [
+        "deepspeed.runtime.zero.parameter_offload": {"ZeROOrderedDict": ["__getitem__"], "DeepSpeedZeRoOffload": [
             "pre_sub_module_forward_function", "post_sub_module_forward_function",
             "pre_sub_module_backward_function", "post_sub_module_backward_function"]},
     }
