@@ -122,3 +122,43 @@ def test_prepare_zero3_does_nothing_elsewhere(tiny):
     assert not any(getattr(layer, "_z3_leaf", False) for layer in layers)
     assert "named_parameters" not in layers[0].__dict__
     assert json.dumps(ds)  # untouched, still serialisable
+
+
+def test_module_tree_listed_once_is_the_walk(tiny):
+    """`speed_up_zero3`'s module list: the same modules, names and order as the walk, for every prefix and
+    duplicate setting; a caller's own memo still walks."""
+    from distsft.distributed import _list_modules_once
+
+    _, model = tiny
+    walked = {(p, d): [(n, id(m)) for n, m in model.named_modules(prefix=p, remove_duplicate=d)]
+              for p in ("", "root") for d in (True, False)}
+    _list_modules_once(model)
+    for (p, d), expected in walked.items():
+        for _ in range(2):  # the first call lists, the second returns the list
+            assert [(n, id(m)) for n, m in model.named_modules(prefix=p, remove_duplicate=d)] == expected
+    assert [id(m) for m in model.modules()] == [i for _, i in walked[("", True)]]
+    memo = set()
+    assert len(list(model.named_modules(memo=memo))) == len(walked[("", True)]) and memo
+    del model.named_modules  # undone by deleting the instance attribute
+    assert [(n, id(m)) for n, m in model.named_modules()] == walked[("", True)]
+
+
+def test_quiet_debug_prints_print_what_deepspeed_printed(capsys, monkeypatch):
+    """The stage-3 debug prints still print when forced, and only then (rank 0 in one process)."""
+    import importlib
+
+    from distsft.distributed import _quiet_debug_prints
+
+    names = ("partition_parameters", "partitioned_param_coordinator", "parameter_offload", "stage3")
+    modules = [importlib.import_module(f"deepspeed.runtime.zero.{n}") for n in names]
+    for module in modules:  # DeepSpeed's own, restored after the test
+        monkeypatch.setattr(module, "print_rank_0", getattr(module.print_rank_0, "original", module.print_rank_0))
+    calls = []
+    monkeypatch.setattr("deepspeed.comm.get_rank", lambda *a, **k: calls.append(1) or 0)
+    assert _quiet_debug_prints()
+    assert not _quiet_debug_prints()  # once per process
+    pp = modules[0]
+    pp.print_rank_0("quiet", force=False)
+    assert calls == [] and capsys.readouterr().out == ""  # no rank lookup, no output
+    pp.print_rank_0("loud", force=True)
+    assert calls == [1] and capsys.readouterr().out == "loud\n"
