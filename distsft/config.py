@@ -401,7 +401,7 @@ class DistributedConfig:
     check whether they print before looking up the rank; each decoder layer's gradients moved into the
     reduce bucket together instead of one by one; the gradient norm in one foreach launch instead of one
     per trainable tensor; the parameters still held at the step released in one call instead of one per
-    parameter; distsft/distributed.py `speed_up_zero3`).
+    parameter; distsft/zero3_host.py).
     `false` runs DeepSpeed's own code, e.g. to compare or after a DeepSpeed upgrade changed those internals."""
     zero12: Literal["auto", "deepspeed", "ddp"] = "auto"
     """ZeRO-1/2 configs. ZeRO-1/2 partition only the trainable state (its gradients and Adam moments),

@@ -232,7 +232,8 @@ def test_zero3_fast_paths_change_only_host_work(runner, full_runs):
     step, and in the adapter it exports."""
     from safetensors.torch import load_file
 
-    fast, plain = full_runs["zero3_2"], runner.run("zero3_dsonly", 2, "zero3", **{"distributed.zero3_fast_paths": "false"})
+    fast = full_runs["zero3_2"]
+    plain = runner.run("zero3_dsonly", 2, "zero3", **{"distributed.zero3_fast_paths": "false"})
     line = next(x for x in fast.proc.stderr.splitlines() if "ZeRO-3 host fast paths:" in x)
     assert line.split("ZeRO-3 host fast paths: ")[1].split("; ") == [
         "the module tree listed once", "debug prints checked before the rank lookup",

@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distsft"
 
 FLOORS: dict[str, int] = {
     # 0: leaves, importing nothing of distsft: how a process ends, logging, secrets, dtype names, FLOP
-    # counts, plots, packed attention, the kernel census; the data reports and the batch order.
+    # counts, plots, packed attention, the kernel census; the data reports and the batch order; ZeRO-3's host
+    # fast paths.
     "distsft": 0,  # the package: `distsft.train` resolves lazily (importlib), by name
     "distsft.lifecycle": 0,
     "distsft.logs": 0,
@@ -27,6 +28,7 @@ FLOORS: dict[str, int] = {
     "distsft.census": 0,
     "distsft.data.report": 0,
     "distsft.data.sampler": 0,
+    "distsft.zero3_host": 0,  # DeepSpeed's ZeRO-3 internals only
     # 1: the typed config (reads only redaction, to write config.yaml); checkpoints (the lifecycle's test hook).
     "distsft.config": 1,
     "distsft.checkpoint": 1,

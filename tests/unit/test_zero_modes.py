@@ -127,7 +127,7 @@ def test_prepare_zero3_does_nothing_elsewhere(tiny):
 def test_module_tree_listed_once_is_the_walk(tiny):
     """`speed_up_zero3`'s module list: the same modules, names and order as the walk, for every prefix and
     duplicate setting; a caller's own memo still walks."""
-    from distsft.distributed import _list_modules_once
+    from distsft.zero3_host import _list_modules_once
 
     _, model = tiny
     walked = {(p, d): [(n, id(m)) for n, m in model.named_modules(prefix=p, remove_duplicate=d)]
@@ -147,7 +147,7 @@ def test_quiet_debug_prints_print_what_deepspeed_printed(capsys, monkeypatch):
     """The stage-3 debug prints still print when forced, and only then (rank 0 in one process)."""
     import importlib
 
-    from distsft.distributed import _quiet_debug_prints
+    from distsft.zero3_host import _quiet_debug_prints
 
     names = ("partition_parameters", "partitioned_param_coordinator", "parameter_offload", "stage3")
     modules = [importlib.import_module(f"deepspeed.runtime.zero.{n}") for n in names]

@@ -86,7 +86,8 @@ if os.environ.get("DISTSFT_ZERO3_SPLIT") == "1":
         if not steps:
             return
         rank = os.environ.get("RANK", "0")
-        lines = [f"[zero3 host split, rank {rank}] {steps} steps after {_SKIP} warm-up; host ms per step (calls per step)"]
+        lines = [f"[zero3 host split, rank {rank}] {steps} steps after {_SKIP} warm-up; "
+                 "host ms per step (calls per step)"]
         for label, (calls, secs) in sorted(_totals.items(), key=lambda kv: -kv[1][1]):
             lines.append(f"  {1000 * secs / steps:9.2f} ms  {calls / steps:8.1f}  {label}")
         print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,0 +1,243 @@
+"""ZeRO-3's per-step host work, made cheaper (`distributed.zero3_fast_paths`).
+
+At one GPU a ZeRO-3 step of a LoRA run is bound by DeepSpeed's Python rather than by the GPU: per layer
+it fetches and releases parameters, per trainable tensor it moves a gradient and takes a norm, per
+parameter it releases at the step. `speed_up_zero3` replaces five of those pieces, on the prepared
+engine's instances (and DeepSpeed's debug-print helper), by code that does the same with less host work;
+each checks that the DeepSpeed internals it replaces look as expected and otherwise leaves DeepSpeed's
+code in place. What each one saves on an H100: launch/results/zero_h100.md; that they
+change nothing else: tests/integration/test_distributed.py (`test_zero3_fast_paths_change_only_host_work`)
+and tests/unit/test_zero_modes.py. Written against DeepSpeed 0.19.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _list_modules_once(module: torch.nn.Module) -> None:
+    """Give this module instance a `named_modules` that walks its tree once per prefix and then returns the
+    same list (as `_list_parameters_once` for parameters). DeepSpeed's engine walks every module of the
+    model twice per forward under ZeRO-3 (marking each module's parameter dict as in or out of a forward):
+    ~2,700 modules for an 8B model with its adapter, through a recursive generator. The tree is fixed once
+    the model is prepared (recomputation changes flags on the layers, not the tree; merging is refused
+    under ZeRO-3); undone by deleting the instance attribute."""
+    walk = module.named_modules
+    listed: dict[tuple, tuple] = {}
+
+    def named_modules(memo=None, prefix: str = "", remove_duplicate: bool = True):
+        if memo is not None:  # a caller that shares its memo across trees: walk as usual
+            return walk(memo=memo, prefix=prefix, remove_duplicate=remove_duplicate)
+        key = (prefix, remove_duplicate)
+        if key not in listed:
+            listed[key] = tuple(walk(prefix=prefix, remove_duplicate=remove_duplicate))
+        return iter(listed[key])
+
+    module.__dict__["named_modules"] = named_modules
+
+
+def _quiet_debug_prints() -> bool:
+    """DeepSpeed's stage-3 modules call `print_rank_0(message, force=False)` a few times for every parameter
+    they fetch, release or partition (thousands of calls per step), and each call asks the process group
+    for the rank before it checks whether it prints at all. Replace it, in every module that holds it, by
+    one that checks first and then calls the original: the same output, without the rank lookups."""
+    import importlib
+
+    patched = False
+    for name in ("partition_parameters", "partitioned_param_coordinator", "parameter_offload", "stage3"):
+        module = importlib.import_module(f"deepspeed.runtime.zero.{name}")
+        original = getattr(module, "print_rank_0", None)
+        if original is None or getattr(original, "_distsft_quiet", False):
+            continue
+
+        def print_rank_0(message, debug=False, force=False, _original=original):
+            if debug or force:
+                _original(message, debug=debug, force=force)
+
+        print_rank_0._distsft_quiet, print_rank_0.original = True, original
+        module.print_rank_0 = print_rank_0
+        patched = True
+    return patched
+
+
+def _fused_grad_norm(optimizer) -> bool:
+    """The gradient norm of DeepSpeed's ZeRO-3 step (`get_grad_norm_direct`) launches a cast and a norm per
+    trainable tensor (448 of each for an 8B LoRA adapter) and then sums them. For the 2-norm without model
+    or expert parallelism, compute the same per-tensor norms with one `torch._foreach_norm` (a few launches)
+    and the same all-reduced sum of squares; everything else goes to DeepSpeed's own method. Returns
+    whether the instance was given the fused version."""
+    original = getattr(optimizer, "get_grad_norm_direct", None)
+    needed = ("_get_param_partition_group", "model_parallel_group", "device")
+    if original is None or not all(hasattr(optimizer, a) for a in needed):
+        return False
+    import deepspeed.comm as dist
+
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        expert = getattr(optimizer, "_autoep_expert_parallel_group", None)
+        model_parallel = optimizer.model_parallel_group is not None and dist.get_world_size(
+            group=optimizer.model_parallel_group) > 1
+        if (float(norm_type) != 2.0 or not gradients or model_parallel
+                or (expert is not None and expert(params) is not None)):
+            return original(gradients, params, norm_type)
+        norms = torch._foreach_norm([g.to(optimizer.device, non_blocking=True) for g in gradients], 2.0,
+                                    dtype=torch.float32)
+        total = torch.stack(norms).square().sum()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer._get_param_partition_group(params[0]))
+        total = total.sqrt()
+        return torch.where(total.isfinite(), total, torch.tensor(-1.0, device=total.device))
+
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
+    return True
+
+
+def _bulk_release_at_step(offload) -> bool:
+    """At every optimizer step DeepSpeed releases every parameter of the model (`partition_all_parameters`):
+    one `partition` call per parameter through a torch.compile-disabled wrapper. After a LoRA backward the
+    parameters still held are the persistent ones (the adapter and the norms, ~500 for an 8B model), which
+    its `_post_step` gathers again right after the update. Release the same parameters in one `partition`
+    call over the list, with the same checks before (in-flight gathers awaited, active-module marks
+    cleared) and after (every parameter partitioned). Returns whether the instance was given it."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    coordinator = offload.get_param_coordinator()
+    prefix = "_PartitionedParameterCoordinator__"
+    if not all(hasattr(coordinator, prefix + a) for a in ("inflight_param_registry", "n_available_params")):
+        return False
+
+    def partition_all_parameters():
+        coordinator = offload.get_param_coordinator()
+        inflight = getattr(coordinator, prefix + "inflight_param_registry")
+        params = list(iter_params(offload.module, recurse=True))
+        available = []
+        for param in params:
+            if param in inflight:
+                inflight.pop(param).wait()
+            param.ds_active_sub_modules.clear()
+            if param.ds_status == ZeroParamStatus.AVAILABLE:
+                available.append(param)
+        if available:
+            with torch.no_grad():
+                available[0].partition(param_list=available)
+            setattr(coordinator, prefix + "n_available_params",
+                    getattr(coordinator, prefix + "n_available_params") - sum(p.ds_numel for p in available))
+        for param in params:
+            if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+                raise RuntimeError(f"{param.ds_summary()} expected to be released")
+
+    offload.partition_all_parameters = partition_all_parameters
+    return True
+
+
+def _batched_gradient_bucket(optimizer) -> bool:
+    """DeepSpeed's ZeRO-3 gradient hook of a leaf module (a decoder layer) moves its parameters' gradients
+    into the reduce bucket one at a time, each with its own stream hand-over, copy and bookkeeping (14 LoRA
+    tensors per layer, ~120 us of host time each on an H100 host). Defer each gradient the hook hands over
+    and move the layer's gradients together when the hook reports it is done (`update_hook_state_and_
+    maybe_run_epilogue`, and before the backward's epilogue): one stream hand-over, one foreach copy, the
+    same bucket, the same flushes when it fills (the bucket is reduced whenever the next gradient would not
+    fit, as DeepSpeed does). A configuration this does not cover (gradients not contiguous, ZenFlow,
+    AutoEP's tensor-parallel folding, mixed communication dtypes or process groups, a gradient larger than
+    the bucket) goes through DeepSpeed's own path, gradient by gradient. Returns whether it was installed."""
+    from deepspeed.accelerator import get_accelerator
+
+    flush_bucket = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads", None)
+    needed = ("ipg_buckets", "reduce_bucket_size", "reduce_and_partition_stream", "get_param_comm_dtype",
+              "_get_param_partition_group", "reduce_independent_p_g_buckets_and_remove_grads",
+              "update_hook_state_and_maybe_run_epilogue", "independent_gradient_partition_epilogue")
+    if flush_bucket is None or not all(hasattr(optimizer, a) for a in needed) or not optimizer.contiguous_gradients \
+            or getattr(optimizer, "zenflow", False) or getattr(optimizer, "autoep_folding_tp_group", None) is not None:
+        return False
+    one_by_one = optimizer.reduce_independent_p_g_buckets_and_remove_grads
+    hook_done = optimizer.update_hook_state_and_maybe_run_epilogue
+    epilogue = optimizer.independent_gradient_partition_epilogue
+    accelerator, pending = get_accelerator(), []
+
+    def add_to_bucket(params, dtype, group) -> None:  # all fit in the bucket's free space
+        bucket = optimizer.ipg_buckets[dtype]
+        stream = optimizer.reduce_and_partition_stream
+        if not accelerator.resolves_data_dependency():
+            stream.wait_stream(accelerator.current_stream())
+        with accelerator.stream(stream):
+            views, offset = [], bucket.elements
+            for p in params:
+                views.append(bucket.buffer.narrow(0, offset, p.grad.numel()).view_as(p.grad))
+                offset += p.grad.numel()
+            torch._foreach_copy_(views, [p.grad for p in params], non_blocking=True)
+            record = not accelerator.is_synchronized_device()
+            for p, view in zip(params, views, strict=True):
+                if record:
+                    p.grad.record_stream(accelerator.current_stream())
+                p.grad.data = view
+        bucket.params.extend(params)
+        bucket.process_group = group
+        bucket.elements = offset
+
+    def move_pending() -> None:
+        params = pending[:]
+        pending.clear()
+        if not params:
+            return
+        dtype, group = optimizer.get_param_comm_dtype(params[0]), optimizer._get_param_partition_group(params[0])
+        size = optimizer.reduce_bucket_size
+        if any(optimizer.get_param_comm_dtype(p) != dtype or optimizer._get_param_partition_group(p) is not group
+               or not getattr(p, "ds_grad_is_ready", True) or p.grad is None or p.grad.numel() != p.ds_numel
+               or p.ds_numel > size for p in params):
+            for p in params:
+                one_by_one(p)
+            return
+        with torch.no_grad():
+            bucket = optimizer.ipg_buckets[dtype]
+            if bucket.params and bucket.process_group != group:
+                flush_bucket(dtype)
+            start = 0
+            while start < len(params):
+                if bucket.elements > 0 and bucket.elements + params[start].ds_numel > size:
+                    flush_bucket(dtype)
+                end, filled = start, bucket.elements
+                while end < len(params) and filled + params[end].ds_numel <= size:
+                    filled += params[end].ds_numel
+                    end += 1
+                add_to_bucket(params[start:end], dtype, group)
+                start = end
+
+    def reduce_ready_partitions_and_remove_grads(param):
+        if not getattr(optimizer, "_coalesce_grad_reduction", False):
+            pending.append(param)
+
+    def update_hook_state_and_maybe_run_epilogue(*args, **kwargs):
+        move_pending()
+        return hook_done(*args, **kwargs)
+
+    def independent_gradient_partition_epilogue(*args, **kwargs):
+        move_pending()
+        return epilogue(*args, **kwargs)
+
+    optimizer.reduce_ready_partitions_and_remove_grads = reduce_ready_partitions_and_remove_grads
+    optimizer.update_hook_state_and_maybe_run_epilogue = update_hook_state_and_maybe_run_epilogue
+    optimizer.independent_gradient_partition_epilogue = independent_gradient_partition_epilogue
+    return True
+
+
+def speed_up_zero3(engine, enabled: bool) -> list[str]:
+    """After `prepare` under ZeRO-3: replace five of DeepSpeed's per-step host costs by equivalents
+    (`distributed.zero3_fast_paths`; what each saves on one H100 is in launch/results/zero_h100.md).
+    At one GPU and an 8B adapter the step is bound by DeepSpeed's Python, not by the GPU, so host work
+    per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log."""
+    optimizer = getattr(engine, "optimizer", None)
+    if not enabled or engine is None or type(optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3":
+        return []
+    done = []
+    if isinstance(getattr(engine, "module", None), torch.nn.Module):
+        _list_modules_once(engine.module)
+        done.append("the module tree listed once")
+    if _quiet_debug_prints():
+        done.append("debug prints checked before the rank lookup")
+    if _fused_grad_norm(optimizer):
+        done.append("gradient norm in one foreach launch")
+    if _batched_gradient_bucket(optimizer):
+        done.append("each layer's gradients moved into the reduce bucket together")
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is not None and _bulk_release_at_step(offload):
+        done.append("parameters released in one call at the step")
+    return done
