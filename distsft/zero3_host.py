@@ -63,14 +63,15 @@ def _quiet_debug_prints() -> bool:
 def _fused_grad_norm(optimizer) -> bool:
     """The gradient norm of DeepSpeed's ZeRO-3 step (`get_grad_norm_direct`) launches a cast and a norm per
     trainable tensor (448 of each for an 8B LoRA adapter) and then sums them. For the 2-norm without model
-    or expert parallelism, compute the same per-tensor norms with one `torch._foreach_norm` (a few launches)
-    and the same all-reduced sum of squares; everything else goes to DeepSpeed's own method. Returns
-    whether the instance was given the fused version."""
+    or expert parallelism, compute the same per-tensor norms, in the same precision, with one
+    `torch._foreach_norm` (a few launches) and the same all-reduced sum of squares; everything else goes
+    to DeepSpeed's own method. Returns whether the instance was given the fused version."""
     original = getattr(optimizer, "get_grad_norm_direct", None)
     needed = ("_get_param_partition_group", "model_parallel_group", "device")
     if original is None or not all(hasattr(optimizer, a) for a in needed):
         return False
     import deepspeed.comm as dist
+    from deepspeed.runtime.zero.utils import get_norm_dtype
 
     def get_grad_norm_direct(gradients, params, norm_type=2):
         expert = getattr(optimizer, "_autoep_expert_parallel_group", None)
@@ -80,7 +81,7 @@ def _fused_grad_norm(optimizer) -> bool:
                 or (expert is not None and expert(params) is not None)):
             return original(gradients, params, norm_type)
         norms = torch._foreach_norm([g.to(optimizer.device, non_blocking=True) for g in gradients], 2.0,
-                                    dtype=torch.float32)
+                                    dtype=get_norm_dtype())  # fp64 where the device has it, as DeepSpeed
         total = torch.stack(norms).square().sum()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer._get_param_partition_group(params[0]))
         total = total.sqrt()
