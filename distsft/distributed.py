@@ -343,8 +343,7 @@ def prepare_for_mode(accelerator, model, optimizer, *, layers, dtype: torch.dtyp
         logger.info("ZeRO-3 host fast paths: %s", "; ".join(fast) if fast else
                     "off (distributed.zero3_fast_paths=false)" if not zero3_fast_paths else
                     f"none applied (optimizer {type(getattr(backend.engine, 'optimizer', None)).__name__})")
-        if filled is not None:
-            filled = {**filled, "fast_paths": fast}
+        filled = {**filled, "fast_paths": fast}
     return model, optimizer, backend, filled
 
 

@@ -12,7 +12,11 @@ and tests/unit/test_zero_modes.py. Written against DeepSpeed 0.19.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _list_modules_once(module: torch.nn.Module) -> None:
@@ -40,14 +44,15 @@ def _quiet_debug_prints() -> bool:
     """DeepSpeed's stage-3 modules call `print_rank_0(message, force=False)` a few times for every parameter
     they fetch, release or partition (thousands of calls per step), and each call asks the process group
     for the rank before it checks whether it prints at all. Replace it, in every module that holds it, by
-    one that checks first and then calls the original: the same output, without the rank lookups."""
+    one that checks first and then calls the original: the same output, without the rank lookups. Once per
+    process; returns whether every one of them is the quiet version."""
     import importlib
 
-    patched = False
-    for name in ("partition_parameters", "partitioned_param_coordinator", "parameter_offload", "stage3"):
-        module = importlib.import_module(f"deepspeed.runtime.zero.{name}")
+    modules = [importlib.import_module(f"deepspeed.runtime.zero.{name}")
+               for name in ("partition_parameters", "partitioned_param_coordinator", "parameter_offload", "stage3")]
+    for module in modules:
         original = getattr(module, "print_rank_0", None)
-        if original is None or getattr(original, "_distsft_quiet", False):
+        if original is None or getattr(original, "_distsft_quiet", False):  # absent, or done by an earlier run
             continue
 
         def print_rank_0(message, debug=False, force=False, _original=original):
@@ -56,8 +61,7 @@ def _quiet_debug_prints() -> bool:
 
         print_rank_0._distsft_quiet, print_rank_0.original = True, original
         module.print_rank_0 = print_rank_0
-        patched = True
-    return patched
+    return all(getattr(getattr(m, "print_rank_0", None), "_distsft_quiet", False) for m in modules)
 
 
 def _fused_grad_norm(optimizer) -> bool:
@@ -222,23 +226,31 @@ def _batched_gradient_bucket(optimizer) -> bool:
 
 def speed_up_zero3(engine, enabled: bool) -> list[str]:
     """After `prepare` under ZeRO-3: replace five of DeepSpeed's per-step host costs by equivalents
-    (`distributed.zero3_fast_paths`; what each saves on one H100 is in launch/results/zero_h100.md).
+    (`distributed.zero3_fast_paths`; what they save on one H100 is in launch/results/zero_h100.md).
     At one GPU and an 8B adapter the step is bound by DeepSpeed's Python, not by the GPU, so host work
-    per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log."""
+    per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log; warns naming
+    any that could not be (DeepSpeed's own code then runs for it)."""
     optimizer = getattr(engine, "optimizer", None)
     if not enabled or engine is None or type(optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3":
         return []
-    done = []
-    if isinstance(getattr(engine, "module", None), torch.nn.Module):
-        _list_modules_once(engine.module)
-        done.append("the module tree listed once")
-    if _quiet_debug_prints():
-        done.append("debug prints checked before the rank lookup")
-    if _fused_grad_norm(optimizer):
-        done.append("gradient norm in one foreach launch")
-    if _batched_gradient_bucket(optimizer):
-        done.append("each layer's gradients moved into the reduce bucket together")
     offload = getattr(optimizer, "parameter_offload", None)
-    if offload is not None and _bulk_release_at_step(offload):
-        done.append("parameters released in one call at the step")
+
+    def list_modules() -> bool:
+        if not isinstance(getattr(engine, "module", None), torch.nn.Module):
+            return False
+        _list_modules_once(engine.module)
+        return True
+
+    candidates = {
+        "the module tree listed once": list_modules,
+        "debug prints checked before the rank lookup": _quiet_debug_prints,
+        "gradient norm in one foreach launch": lambda: _fused_grad_norm(optimizer),
+        "each layer's gradients moved into the reduce bucket together": lambda: _batched_gradient_bucket(optimizer),
+        "parameters released in one call at the step": lambda: offload is not None and _bulk_release_at_step(offload),
+    }
+    done = [name for name, install in candidates.items() if install()]
+    if missing := [name for name in candidates if name not in done]:
+        logger.warning("ZeRO-3 host fast paths not installed, DeepSpeed's own code runs instead (its internals "
+                       "are not what they replace, or the configuration needs DeepSpeed's path): %s",
+                       "; ".join(missing))
     return done

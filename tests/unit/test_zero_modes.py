@@ -156,7 +156,8 @@ def test_quiet_debug_prints_print_what_deepspeed_printed(capsys, monkeypatch):
     calls = []
     monkeypatch.setattr("deepspeed.comm.get_rank", lambda *a, **k: calls.append(1) or 0)
     assert _quiet_debug_prints()
-    assert not _quiet_debug_prints()  # once per process
+    wrapped = [m.print_rank_0 for m in modules]
+    assert _quiet_debug_prints() and [m.print_rank_0 for m in modules] == wrapped  # once per process
     pp = modules[0]
     pp.print_rank_0("quiet", force=False)
     assert calls == [] and capsys.readouterr().out == ""  # no rank lookup, no output
