@@ -22,7 +22,7 @@ import torch
 
 from distsft.config import DistributedConfig
 from distsft.dtypes import resolve_dtype
-from distsft.zero3_host import speed_up_zero3
+from distsft.zero3_host import speed_up_zero3, walk_once
 
 logger = logging.getLogger(__name__)
 
@@ -204,24 +204,6 @@ def _output_requires_grad(module, inputs, output):
     return output.requires_grad_(True)
 
 
-def _list_parameters_once(module: torch.nn.Module) -> None:
-    """Give this module instance a `named_parameters` that walks its tree once per argument set and then
-    returns the same list. DeepSpeed asks a leaf module for its parameters, recursively, in every fetch,
-    release and gradient hook (thousands of walks per step, each through ~100 peft submodules of a
-    decoder layer: the largest host cost of ZeRO-3 per step after gathering per layer). A decoder layer's
-    tree does not change once training starts; undone by deleting the instance attribute."""
-    walk = module.named_parameters  # the class's method, bound
-    listed: dict[tuple, tuple] = {}
-
-    def named_parameters(prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        key = (prefix, recurse, remove_duplicate)
-        if key not in listed:
-            listed[key] = tuple(walk(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate))
-        return iter(listed[key])
-
-    module.__dict__["named_parameters"] = named_parameters
-
-
 def prepare_zero3(accelerator, model: torch.nn.Module, layers, embeddings: torch.nn.Module, gather: str) -> dict:
     """Before `accelerator.prepare` under ZeRO-3 (a no-op otherwise): how DeepSpeed gathers the model.
 
@@ -246,7 +228,7 @@ def prepare_zero3(accelerator, model: torch.nn.Module, layers, embeddings: torch
 
     DeepSpeed also walks the parameter tree of every leaf layer in each fetch, release and gradient hook,
     and of the whole model twice per optimizer step: `model` and each layer list their parameters once
-    (`_list_parameters_once`; their trees are fixed from here on: merging is refused under ZeRO-3)."""
+    (`zero3_host.walk_once`; their trees are fixed from here on: merging is refused under ZeRO-3)."""
     if zero_stage(accelerator) != 3:
         return {}
     zero = accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {})
@@ -257,7 +239,7 @@ def prepare_zero3(accelerator, model: torch.nn.Module, layers, embeddings: torch
     filled = {}
     if gather == "layer":
         for layer in (*layers, model):
-            _list_parameters_once(layer)
+            walk_once(layer, "named_parameters")
         for layer in layers:
             layer._z3_leaf = True  # deepspeed.utils.set_z3_leaf_module (DeepSpeed reads this flag)
         embeddings.register_forward_hook(_output_requires_grad)

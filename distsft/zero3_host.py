@@ -19,25 +19,26 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _list_modules_once(module: torch.nn.Module) -> None:
-    """Give this module instance a `named_modules` that walks its tree once per prefix and then returns the
-    same list (as `_list_parameters_once` for parameters). DeepSpeed's engine walks every module of the
-    model twice per forward under ZeRO-3 (marking each module's parameter dict as in or out of a forward):
-    ~2,700 modules for an 8B model with its adapter, through a recursive generator. The tree is fixed once
-    the model is prepared (recomputation changes flags on the layers, not the tree; merging is refused
-    under ZeRO-3); undone by deleting the instance attribute."""
-    walk = module.named_modules
+def walk_once(module: torch.nn.Module, method: str) -> None:
+    """Give this module instance a `named_parameters` or `named_modules` (`method`) that walks its tree once
+    per set of arguments and then returns the same list; a call with a caller's own `memo` walks as usual.
+    Under ZeRO-3 DeepSpeed asks each leaf layer for its parameters, recursively, in every fetch, release
+    and gradient hook (thousands of walks per step, each through ~100 peft submodules of a decoder layer),
+    and its engine walks every module of the model twice per forward (~2,700 for an 8B model with its
+    adapter). The trees are fixed once the model is prepared (recomputation changes flags on the layers,
+    not the tree; merging is refused under ZeRO-3); undone by deleting the instance attribute."""
+    walk = getattr(module, method)  # the class's method, bound
     listed: dict[tuple, tuple] = {}
 
-    def named_modules(memo=None, prefix: str = "", remove_duplicate: bool = True):
-        if memo is not None:  # a caller that shares its memo across trees: walk as usual
-            return walk(memo=memo, prefix=prefix, remove_duplicate=remove_duplicate)
-        key = (prefix, remove_duplicate)
+    def once(*args, **kwargs):
+        if kwargs.get("memo") is not None or any(isinstance(a, set) for a in args):
+            return walk(*args, **kwargs)
+        key = (args, tuple(sorted(kwargs.items())))
         if key not in listed:
-            listed[key] = tuple(walk(prefix=prefix, remove_duplicate=remove_duplicate))
+            listed[key] = tuple(walk(*args, **kwargs))
         return iter(listed[key])
 
-    module.__dict__["named_modules"] = named_modules
+    module.__dict__[method] = once
 
 
 def _quiet_debug_prints() -> bool:
@@ -238,7 +239,7 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
     def list_modules() -> bool:
         if not isinstance(getattr(engine, "module", None), torch.nn.Module):
             return False
-        _list_modules_once(engine.module)
+        walk_once(engine.module, "named_modules")
         return True
 
     candidates = {

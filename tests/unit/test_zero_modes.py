@@ -124,23 +124,37 @@ def test_prepare_zero3_does_nothing_elsewhere(tiny):
     assert json.dumps(ds)  # untouched, still serialisable
 
 
-def test_module_tree_listed_once_is_the_walk(tiny):
-    """`speed_up_zero3`'s module list: the same modules, names and order as the walk, for every prefix and
-    duplicate setting; a caller's own memo still walks."""
-    from distsft.zero3_host import _list_modules_once
+def test_trees_listed_once_are_the_walks(tiny):
+    """`walk_once`: the same modules and parameters, names and order as the walk, for every prefix,
+    duplicate and recursion setting, positional or by keyword; the second call returns the list made by
+    the first; a caller's own memo still walks; deleting the instance attribute undoes it."""
+    from distsft.zero3_host import walk_once
 
     _, model = tiny
-    walked = {(p, d): [(n, id(m)) for n, m in model.named_modules(prefix=p, remove_duplicate=d)]
-              for p in ("", "root") for d in (True, False)}
-    _list_modules_once(model)
-    for (p, d), expected in walked.items():
-        for _ in range(2):  # the first call lists, the second returns the list
-            assert [(n, id(m)) for n, m in model.named_modules(prefix=p, remove_duplicate=d)] == expected
-    assert [id(m) for m in model.modules()] == [i for _, i in walked[("", True)]]
+    calls = {"named_modules": [((), {"prefix": p, "remove_duplicate": d}) for p in ("", "root") for d in (True, False)]
+             + [((None, "x"), {})],
+             "named_parameters": [((), {"prefix": p, "recurse": r}) for p in ("", "m") for r in (True, False)]
+             + [(("m", False), {})]}
+
+    def ids(named):
+        return [(n, id(x)) for n, x in named]
+
+    walked = {m: [ids(getattr(model, m)(*a, **k)) for a, k in cs] for m, cs in calls.items()}
+    for method in calls:
+        walk_once(model, method)
+    for method, cs in calls.items():
+        for _ in range(2):
+            assert [ids(getattr(model, method)(*a, **k)) for a, k in cs] == walked[method]
+        assert getattr(model, method)(**cs[0][1]) is not getattr(model, method)(**cs[0][1])  # fresh iterators
+    assert [id(m) for m in model.modules()] == [i for _, i in walked["named_modules"][0]]
+    assert [id(p) for p in model.parameters()] == [i for _, i in walked["named_parameters"][0]]
     memo = set()
-    assert len(list(model.named_modules(memo=memo))) == len(walked[("", True)]) and memo
-    del model.named_modules  # undone by deleting the instance attribute
-    assert [(n, id(m)) for n, m in model.named_modules()] == walked[("", True)]
+    assert len(list(model.named_modules(memo=memo))) == len(walked["named_modules"][0]) and memo
+    model.add_module("extra", torch.nn.Linear(2, 2))
+    listed_call = calls["named_modules"][0][1]  # a module added after listing is not seen: the limit
+    assert "extra" not in dict(model.named_modules(**listed_call))
+    del model.named_modules, model.named_parameters  # undone by deleting the instance attributes
+    assert "extra" in dict(model.named_modules()) and "extra.weight" in dict(model.named_parameters())
 
 
 def test_quiet_debug_prints_print_what_deepspeed_printed(capsys, monkeypatch):
