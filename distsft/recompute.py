@@ -35,10 +35,13 @@ Layer 0 is measured as every other layer (input requiring grad); its real input,
 needs no gradient, so uncheckpointed it keeps about c less: the layer terms are exact for k >= 1 and high
 by about c for k = 0 (tests/unit/test_recompute.py checks both against the memory the graph retains).
 
-Mechanism: transformers' own per-layer switch. Every decoder layer of the supported architectures is a
-`GradientCheckpointingLayer` (transformers >= 4.52 incl. 5.17 and 5.23), which checkpoints its forward
-through `self._gradient_checkpointing_func` when `self.gradient_checkpointing and self.training`; we set
-both attributes per instance, nothing else (no class or module-tree changes, state dicts unchanged).
+Mechanism: each chosen decoder layer's `forward` is checkpointed, per instance (`checkpoint_layer`): the
+layer is still called as a module, so module hooks (ZeRO-3's gather and release, DDP's and DeepSpeed's
+gradient hooks) run around the checkpoint once, and only the layer's own computation is recomputed.
+transformers' per-layer switch (`GradientCheckpointingLayer.gradient_checkpointing`) is kept off: up to
+5.17 it checkpoints `__call__`, hooks included, so under ZeRO-3 every recomputed layer was gathered and
+released a second time inside the backward (32 more fetches per 8B step, each ~0.5 ms of DeepSpeed's host
+work); 5.25 checkpoints `forward`, as we do in every version. No class or module-tree changes, state dicts unchanged.
 `setup_recomputation` is the one place a run sets it up: the plan (`true`: every layer; `auto`: as above),
 and distsft's own checkpoint for the chosen layers (below), which `recomputing()` tells the patched
 forwards about.
@@ -66,8 +69,9 @@ output only feeds the residual sum leaving the layer (backward needs the project
 output): ~1/7 of a Llama layer's forward FLOPs, on every recompute.
 
 It is a reentrant checkpoint: the layer's recompute and backward run inside this node's backward, where
-DDP's and DeepSpeed's gradient hooks fire as in any backward and ZeRO-3's hooks on the layer gather its
-weights again (tests/integration checks the losses of every mode against one process).
+DDP's and DeepSpeed's gradient hooks fire as in any backward; ZeRO-3's pre-backward hook on the layer has
+gathered its weights just before (tests/integration checks the losses of every mode against one process,
+tests/unit/test_recompute.py that a checkpointed layer's module hooks run once per forward).
 """
 
 from __future__ import annotations
@@ -240,12 +244,14 @@ def measure_layer_activations(model: nn.Module, batch_size: int, seq_len: int,
             captured["args"], captured["kwargs"] = args, dict(kwargs)
 
     was_training = lm.training
-    saved_flags = [m.gradient_checkpointing for m in layers]
+    saved_flags = [(m.gradient_checkpointing, m.__dict__.get("_distsft_checkpoint")) for m in layers]
     handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         lm.train()
         for m in layers:
             m.gradient_checkpointing = False
+            if "_distsft_checkpoint" in m.__dict__:
+                m._distsft_checkpoint = None
         with torch.no_grad():
             lm.get_decoder()(**{"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
                                 **(decoder_kwargs or {})})
@@ -275,8 +281,10 @@ def measure_layer_activations(model: nn.Module, batch_size: int, seq_len: int,
         del out  # frees the graph and what it saved
     finally:
         handle.remove()
-        for m, flag in zip(layers, saved_flags, strict=True):
+        for m, (flag, fn) in zip(layers, saved_flags, strict=True):
             m.gradient_checkpointing = flag
+            if "_distsft_checkpoint" in m.__dict__:
+                m._distsft_checkpoint = fn
         lm.train(was_training)
     return {"layer": sum(saved.values()), "input": hidden.numel() * hidden.element_size(),
             "shared_inputs": _distinct_bytes(_tensors((rest, kwargs))), "largest": max(saved.values(), default=0),
@@ -487,6 +495,47 @@ def _checkpoint(offload: bool, function, hidden_states, *args, **kwargs):
 # Setting it up
 
 
+_CACHE_KWARGS = ("past_key_values", "layer_past", "cache")
+
+
+def _checkpointed_forward(layer: nn.Module, plain):
+    """`layer.forward` while it is checkpointed: `plain` (the forward it had) through the layer's checkpoint
+    function when training with grad enabled, as is otherwise. The hidden states are the first positional
+    argument (or `hidden_states=`); a cache is dropped, as transformers does: the recompute would update it
+    a second time."""
+
+    def forward(*args, **kwargs):
+        fn = layer.__dict__.get("_distsft_checkpoint")
+        if fn is None or not (layer.training and torch.is_grad_enabled()):
+            return plain(*args, **kwargs)
+        if not args:
+            args = (kwargs.pop("hidden_states"),)
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        for key in _CACHE_KWARGS:
+            if kwargs.get(key) is not None:
+                kwargs[key] = None
+        return fn(functools.partial(plain, **kwargs), *args)
+
+    return forward
+
+
+def checkpoint_layer(layer: nn.Module, fn) -> None:
+    """Recompute this decoder layer's forward in its backward through `fn` (transformers'
+    `_gradient_checkpointing_func` signature: `fn(function, hidden_states, *args)`), or stop (`fn=None`).
+    The layer's module hooks stay outside the checkpoint (module docstring). Per instance: the first call
+    gives the layer a `forward` attribute that wraps the one it had; later calls only change `fn`."""
+    layer.gradient_checkpointing = False  # transformers' own switch: off (it would checkpoint the hooks too)
+    if "_distsft_checkpoint" not in layer.__dict__:
+        layer.forward = _checkpointed_forward(layer, layer.forward)
+    layer._distsft_checkpoint = fn
+
+
+def is_checkpointed(layer: nn.Module) -> bool:
+    """Whether the layer's forward is recomputed in its backward (by `checkpoint_layer`)."""
+    return layer.__dict__.get("_distsft_checkpoint") is not None
+
+
 def apply_recomputation(model: nn.Module, plan: RecomputePlan, fn=None) -> int:
     """Checkpoint exactly the plan's layers and no others; returns how many. `fn`: the checkpoint function
     (transformers' `_gradient_checkpointing_func` signature); default torch's non-reentrant checkpoint."""
@@ -496,8 +545,7 @@ def apply_recomputation(model: nn.Module, plan: RecomputePlan, fn=None) -> int:
     fn = fn or functools.partial(checkpoint, use_reentrant=False)
     chosen = set(plan.checkpointed)
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i in chosen
-        layer._gradient_checkpointing_func = fn
+        checkpoint_layer(layer, fn if i in chosen else None)
     return len(chosen)
 
 

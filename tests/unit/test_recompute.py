@@ -19,6 +19,7 @@ from distsft.recompute import (
     GIB,
     apply_recomputation,
     decoder_layers,
+    is_checkpointed,
     measure_layer_activations,
     plan_recomputation,
 )
@@ -185,11 +186,14 @@ def test_checkpointed_layers_give_identical_loss_and_gradients(model_dir):
                               decoder_kwargs=mask)
     assert plan.checkpointed == (0, 1)
     assert apply_recomputation(ckpt, plan) == 2
-    assert [m.gradient_checkpointing for m in decoder_layers(ckpt)] == [True, True, False, False]
+    assert [is_checkpointed(m) for m in decoder_layers(ckpt)] == [True, True, False, False]
+    assert not any(m.gradient_checkpointing for m in decoder_layers(ckpt))  # transformers' switch stays off
 
     calls = [0] * LAYERS  # forward pre-hooks: non-reentrant recomputation stops early, after its last save
+    outer = [0] * LAYERS  # the layer's own hooks (ZeRO-3 gathers there) stay outside the checkpoint: once
     for i, layer in enumerate(decoder_layers(ckpt)):
         layer.self_attn.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        layer.register_forward_pre_hook(lambda *a, i=i: outer.__setitem__(i, outer[i] + 1))
 
     def forward(m):
         mode = _RetainedAllocations()
@@ -201,7 +205,7 @@ def test_checkpointed_layers_give_identical_loss_and_gradients(model_dir):
     s_ckpt, n_ckpt, kept_2 = forward(ckpt)
     (s_ref / n_ref).backward()
     (s_ckpt / n_ckpt).backward()
-    assert calls == [2, 2, 1, 1]
+    assert calls == [2, 2, 1, 1] and outer == [1, 1, 1, 1]
     assert torch.equal(s_ref, s_ckpt) and torch.equal(n_ref, n_ckpt)
     grads = {k: p.grad for k, p in ref.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
@@ -223,7 +227,7 @@ def test_apply_is_exact_and_checks_the_plan(model_dir, model):
     m.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     none = plan_recomputation(m, batch_size=B, seq_len=T, budget_bytes=1024 * GIB)
     assert apply_recomputation(m, none) == 0  # overrides a model-wide setting: exactly the plan's layers
-    assert not any(layer.gradient_checkpointing for layer in decoder_layers(m))
+    assert not any(layer.gradient_checkpointing or is_checkpointed(layer) for layer in decoder_layers(m))
     with pytest.raises(ValueError, match="plan is for 3 decoder layers"):
         apply_recomputation(model, replace(none, num_layers=3))
 
