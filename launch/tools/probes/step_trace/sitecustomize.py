@@ -42,9 +42,11 @@ if os.environ.get("DISTSFT_STEP_TRACE") == "1":
         frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(_HERE)
                   and "/warnings.py" not in f.filename]
         keep = [f for f in frames if "/torch/" not in f.filename or f is frames[-1]][-6:]
-        key = text.split("\n")[0][:90] + "\n" + "\n".join(
-            f"      {os.path.relpath(f.filename) if f.filename.startswith(os.getcwd()) else f.filename.split('site-packages/')[-1]}"
-            f":{f.lineno} {f.name}" for f in keep)
+        def where(f):
+            name = os.path.relpath(f.filename) if f.filename.startswith(os.getcwd()) else f.filename
+            return f"      {name.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+
+        key = text.split("\n")[0][:90] + "\n" + "\n".join(where(f) for f in keep)
         _syncs[key] += 1
 
     _show = warnings.showwarning
