@@ -16,6 +16,8 @@ import logging
 
 import torch
 
+from distsft import census
+
 logger = logging.getLogger(__name__)
 
 
@@ -225,8 +227,178 @@ def _batched_gradient_bucket(optimizer) -> bool:
     return True
 
 
+class _BeforeLayerBackward(torch.autograd.Function):
+    """On a layer's output: when its gradient arrives, gather the layer for its backward."""
+
+    @staticmethod
+    def forward(ctx, gather, index, x):
+        ctx.gather, ctx.index = gather, index
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.gather.fetch(ctx.index, ctx.index - 1)
+        census.note("zero3_layer_gather", "backward", str(ctx.index))
+        return None, None, grad
+
+
+class _AfterLayerBackward(torch.autograd.Function):
+    """On a layer's inputs that require grad: when the last of their gradients is computed, the layer's
+    backward is done; release it."""
+
+    @staticmethod
+    def forward(ctx, gather, index, x):
+        ctx.gather, ctx.index = gather, index
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.gather.input_grad_done(ctx.index)
+        return None, None, grad
+
+
+class LayerGather:
+    """ZeRO-3's gathering of whole decoder layers (DeepSpeed leaf modules), without DeepSpeed's per-module
+    coordinator. DeepSpeed puts four hooks on each leaf layer and runs each fetch and release through its
+    trace-based coordinator (a trace check, the prefetch queue, per-parameter registries and events: ~0.5 ms
+    of host time per fetch on an H100 host, 2 fetches and 2 releases per layer per step, more than one
+    layer's forward takes on the GPU at one GPU). The layers always run in the same order, so the schedule
+    needs no trace: the forward gathers layer i and starts gathering i + 1 on DeepSpeed's all-gather stream;
+    after the layer's forward its gathered copies are released; when the gradient of its output arrives the
+    backward gathers it again and starts on i - 1; when the gradients of its inputs are computed it is
+    released. The gathering itself is DeepSpeed's (`all_gather_coalesced` over the layer's partitioned
+    parameters, one call per layer; a no-op view at one rank), as is the release (`partition`); persistent
+    parameters (the adapter, the norms) are gathered when DeepSpeed has partitioned them (at the start, and
+    after its optimizer step releases everything) and never released here, as in DeepSpeed. The other modules
+    (embeddings, final norm, head) stay with DeepSpeed's coordinator. The kernel census of the first step
+    counts the layers gathered this way (`zero3_layer_gather`: forward, backward)."""
+
+    def __init__(self, layers, stream):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        self.layers, self.stream, self.status = list(layers), stream, ZeroParamStatus
+        self.params = [list(layer.parameters()) for layer in self.layers]  # gathered when partitioned
+        self.releasable = [[p for p in params if not p.ds_persist] for params in self.params]
+        self.inflight: dict[int, object] = {}
+        self.waiting_grads = [0] * len(self.layers)
+        self.fetches = 0
+        """Layers gathered for a forward or a backward (counted, for the tests and the log)."""
+
+    def _start(self, i: int) -> None:
+        if not 0 <= i < len(self.layers) or i in self.inflight:
+            return
+        todo = [p for p in self.params[i] if p.ds_status == self.status.NOT_AVAILABLE]
+        if todo:
+            if self.stream is None:
+                self.inflight[i] = todo[0].all_gather_coalesced(todo)
+            else:
+                from deepspeed.accelerator import get_accelerator
+
+                with get_accelerator().stream(self.stream):
+                    self.inflight[i] = todo[0].all_gather_coalesced(todo)
+
+    def _wait(self, i: int) -> None:
+        handle = self.inflight.pop(i, None)
+        if handle is None:
+            return
+        if self.stream is None:
+            handle.wait()
+            return
+        from deepspeed.accelerator import get_accelerator
+
+        with get_accelerator().stream(self.stream):
+            handle.wait()
+        get_accelerator().current_stream().wait_stream(self.stream)
+
+    def fetch(self, i: int, then: int) -> None:
+        """Layer i whole on this rank (gathered now unless already under way), and layer `then` started."""
+        self._start(i)
+        self._wait(i)
+        self.fetches += 1
+        self._start(then)
+
+    def release(self, i: int) -> None:
+        self._wait(i)  # a prefetch never used (a forward that stopped early) is finished before it is freed
+        held = [p for p in self.releasable[i] if p.ds_status == self.status.AVAILABLE]
+        if held:
+            held[0].partition(param_list=held)
+
+    def input_grad_done(self, i: int) -> None:
+        self.waiting_grads[i] -= 1
+        if self.waiting_grads[i] == 0:
+            self.release(i)
+
+    def release_all(self) -> None:
+        """Finish and free whatever is still gathered (before the optimizer step's own release)."""
+        for i in list(self.inflight):
+            self.release(i)
+
+    def pre_forward(self, module, args, kwargs):
+        i = module._distsft_layer_index
+        self.fetch(i, i + 1)
+        census.note("zero3_layer_gather", "forward", str(i))
+        if not torch.is_grad_enabled():
+            return None
+        self.waiting_grads[i] = 0
+
+        def wrap(x):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                self.waiting_grads[i] += 1
+                return _AfterLayerBackward.apply(self, i, x)
+            return x
+
+        args = tuple(wrap(a) for a in args)
+        kwargs = {k: wrap(v) for k, v in kwargs.items()}
+        return args, kwargs
+
+    def post_forward(self, module, args, output):
+        i = module._distsft_layer_index
+        self.release(i)
+        if not torch.is_grad_enabled():
+            return None
+        if isinstance(output, torch.Tensor):
+            return _BeforeLayerBackward.apply(self, i, output) if output.requires_grad else output
+        if isinstance(output, (tuple, list)):
+            wrapped = [_BeforeLayerBackward.apply(self, i, o) if isinstance(o, torch.Tensor) and o.requires_grad
+                       else o for o in output]
+            return type(output)(wrapped)
+        if output is not None:
+            raise TypeError(f"{type(module).__name__} returned a {type(output).__name__}: distsft's ZeRO-3 layer "
+                            "gathering needs a tensor or a tuple of tensors (set distributed.zero3_fast_paths=false)")
+        return None
+
+
+def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
+    """Replace DeepSpeed's four hooks on every leaf decoder layer by a `LayerGather`'s two. Only when every
+    leaf layer carries exactly DeepSpeed's four hooks from `offload` (else DeepSpeed's stay: returns None)."""
+    from deepspeed.utils import z3_leaf_module
+
+    layers = [m for m in engine.module.modules() if z3_leaf_module(m)]
+    if not layers or offload is None or not hasattr(offload, "forward_hooks"):
+        return None
+    if any(z3_leaf_module(m) for layer in layers for m in layer.modules() if m is not layer):
+        return None  # nested leaves: the schedule would not be one layer after another
+    dicts = {id(d) for layer in layers for d in (layer._forward_pre_hooks, layer._forward_hooks)}
+    handles = [h for h in (*offload.forward_hooks, *offload.backward_hooks)
+               if (d := h.hooks_dict_ref()) is not None and id(d) in dicts]
+    if len(handles) != 4 * len(layers) or any(len(layer._forward_pre_hooks) + len(layer._forward_hooks) < 4
+                                             for layer in layers):
+        return None
+    gather = LayerGather(layers, getattr(offload, "_DeepSpeedZeRoOffload__allgather_stream", None))
+    for handle in handles:
+        handle.remove()
+    removed = {id(h) for h in handles}
+    offload.forward_hooks[:] = [h for h in offload.forward_hooks if id(h) not in removed]
+    offload.backward_hooks[:] = [h for h in offload.backward_hooks if id(h) not in removed]
+    for i, layer in enumerate(layers):
+        layer._distsft_layer_index = i
+        layer.register_forward_pre_hook(gather.pre_forward, with_kwargs=True)
+        layer.register_forward_hook(gather.post_forward)
+    return gather
+
+
 def speed_up_zero3(engine, enabled: bool) -> list[str]:
-    """After `prepare` under ZeRO-3: replace five of DeepSpeed's per-step host costs by equivalents
+    """After `prepare` under ZeRO-3: replace six of DeepSpeed's per-step host costs by equivalents
     (`distributed.zero3_fast_paths`; what they save on one H100 is in launch/results/zero_h100.md).
     At one GPU and an 8B adapter the step is bound by DeepSpeed's Python, not by the GPU, so host work
     per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log; warns naming
@@ -242,12 +414,27 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         walk_once(engine.module, "named_modules")
         return True
 
+    def gather_layers() -> bool:
+        gather = _gather_layers_ourselves(engine, offload)
+        if gather is None:
+            return False
+        engine._distsft_layer_gather = gather
+        release_every = offload.partition_all_parameters  # DeepSpeed's, or the bulk one below: either way,
+
+        def partition_all_parameters():  # what our schedule still holds is finished and freed first
+            gather.release_all()
+            return release_every()
+
+        offload.partition_all_parameters = partition_all_parameters
+        return True
+
     candidates = {
         "the module tree listed once": list_modules,
         "debug prints checked before the rank lookup": _quiet_debug_prints,
         "gradient norm in one foreach launch": lambda: _fused_grad_norm(optimizer),
         "each layer's gradients moved into the reduce bucket together": lambda: _batched_gradient_bucket(optimizer),
         "parameters released in one call at the step": lambda: offload is not None and _bulk_release_at_step(offload),
+        "decoder layers gathered on a fixed schedule": gather_layers,
     }
     done = [name for name, install in candidates.items() if install()]
     if missing := [name for name in candidates if name not in done]:

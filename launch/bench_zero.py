@@ -186,6 +186,9 @@ def census_line(event: dict | None) -> str:
     if deq:
         parts.append("dequant " + " ".join(f"{k} {v}" for k, v in sorted(deq.items())))
     parts += [k.split(" ")[0] for k in ran.get("loss", {})]
+    gathered = ran.get("zero3_layer_gather")
+    if gathered:
+        parts.append("ZeRO-3 layers gathered by distsft " + "/".join(f"{v} {k}" for k, v in sorted(gathered.items())))
     return ", ".join(parts)
 
 
