@@ -2,12 +2,14 @@
 
 At one GPU a ZeRO-3 step of a LoRA run is bound by DeepSpeed's Python rather than by the GPU: per layer
 it fetches and releases parameters, per trainable tensor it moves a gradient and takes a norm, per
-parameter it releases at the step. `speed_up_zero3` replaces five of those pieces, on the prepared
+parameter it releases at the step. `speed_up_zero3` replaces six of those pieces, on the prepared
 engine's instances (and DeepSpeed's debug-print helper), by code that does the same with less host work;
 each checks that the DeepSpeed internals it replaces look as expected and otherwise leaves DeepSpeed's
-code in place. What each one saves on an H100: launch/results/zero_h100.md; that they
-change nothing else: tests/integration/test_distributed.py (`test_zero3_fast_paths_change_only_host_work`)
-and tests/unit/test_zero_modes.py. Written against DeepSpeed 0.19.
+code in place. The largest is `LayerGather`: the decoder layers gathered and released on a fixed
+schedule by two hooks each, instead of four hooks each and DeepSpeed's trace-based coordinator. What
+they save on one GPU: launch/results/zero_h100.md; that they change nothing else:
+tests/integration/test_distributed.py (`test_zero3_fast_paths_change_only_host_work`, on 2 ranks, where
+the gathers are real all-gathers) and tests/unit/test_zero_modes.py. Written against DeepSpeed 0.19.
 """
 
 from __future__ import annotations
@@ -285,6 +287,7 @@ class LayerGather:
         """Layers gathered for a forward or a backward (counted, for the tests and the log)."""
 
     def _start(self, i: int) -> None:
+        """Start gathering layer i (returns at once; `_wait` finishes it)."""
         if not 0 <= i < len(self.layers) or i in self.inflight:
             return
         todo = [p for p in self.params[i] if p.ds_status == self.status.NOT_AVAILABLE]
@@ -394,6 +397,15 @@ def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
         layer._distsft_layer_index = i
         layer.register_forward_pre_hook(gather.pre_forward, with_kwargs=True)
         layer.register_forward_hook(gather.post_forward)
+    # The module that holds the layer list (the decoder): its forward starts gathering the first layer
+    # (under way while the embeddings run) and, ahead of a backward, the last one (while the final norm,
+    # the head and the loss run), as DeepSpeed's trace-based prefetch does across those modules.
+    decoder = next((m for m in engine.module.modules() for c in m.children()
+                    if isinstance(c, torch.nn.ModuleList) and any(x is layers[0] for x in c)), None)
+    if decoder is not None:
+        decoder.register_forward_pre_hook(lambda module, args: gather._start(0))
+        decoder.register_forward_hook(
+            lambda module, args, out: gather._start(len(layers) - 1) if torch.is_grad_enabled() else None)
     return gather
 
 
