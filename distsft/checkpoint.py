@@ -354,6 +354,7 @@ def _zero3_partition(whole: torch.Tensor, size: int, offset: int, device) -> tor
 
 def _apply_zero3(params, optimizer, whole) -> None:
     import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     zopt, torch_opt = _unwrap_optimizer(optimizer), _torch_optimizer(optimizer)
@@ -371,6 +372,8 @@ def _apply_zero3(params, optimizer, whole) -> None:
         value = _zero3_partition(whole[name]["tensors"]["param"], size, offset, p.ds_tensor.device)
         safe_set_local_fp32_param(p, value)
         p.ds_tensor.data.copy_(value.to(p.ds_tensor.dtype))
+        if p.ds_status == ZeroParamStatus.AVAILABLE:  # gathered now (the persistent LoRA tensors): the
+            p.data.copy_(whole[name]["tensors"]["param"].to(p.dtype))  # whole copy too, not only the partition
         for k in keys:
             safe_set_local_optimizer_state(p, _zero3_partition(whole[name]["tensors"][k], size, offset,
                                                                p.ds_tensor.device), k)

@@ -28,10 +28,11 @@ FLOORS: dict[str, int] = {
     "distsft.census": 0,
     "distsft.data.report": 0,
     "distsft.data.sampler": 0,
-    "distsft.zero3_host": 0,  # DeepSpeed's ZeRO-3 internals only
-    # 1: the typed config (reads only redaction, to write config.yaml); checkpoints (the lifecycle's test hook).
+    # 1: the typed config (reads only redaction, to write config.yaml); checkpoints (the lifecycle's test hook);
+    # ZeRO-3's host fast paths (DeepSpeed's internals, and the census they count into).
     "distsft.config": 1,
     "distsft.checkpoint": 1,
+    "distsft.zero3_host": 1,
     # 2: rooms that take their sub-config: process groups and DeepSpeed, trackers, optimizer, loss, 4-bit,
     # recomputation; where data comes from and what its rows look like.
     "distsft.distributed": 2,
