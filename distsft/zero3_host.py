@@ -229,50 +229,36 @@ def _batched_gradient_bucket(optimizer) -> bool:
     return True
 
 
-class _BeforeLayerBackward(torch.autograd.Function):
-    """On a layer's output: when its gradient arrives, gather the layer for its backward."""
+class _BackwardEdge(torch.autograd.Function):
+    """The identity, marking where a layer's backward starts or ends: on its output (`before`: when the
+    gradient arrives, gather the layer for its backward) or on each of its inputs that require grad (when
+    the last of their gradients is computed, the layer's backward is done: release it)."""
 
     @staticmethod
-    def forward(ctx, gather, index, x):
-        ctx.gather, ctx.index = gather, index
+    def forward(ctx, gather, index, before, x):
+        ctx.gather, ctx.index, ctx.before = gather, index, before
         return x.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.gather.fetch(ctx.index, ctx.index - 1)
-        census.note("zero3_layer_gather", "backward", str(ctx.index))
-        return None, None, grad
-
-
-class _AfterLayerBackward(torch.autograd.Function):
-    """On a layer's inputs that require grad: when the last of their gradients is computed, the layer's
-    backward is done; release it."""
-
-    @staticmethod
-    def forward(ctx, gather, index, x):
-        ctx.gather, ctx.index = gather, index
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.gather.input_grad_done(ctx.index)
-        return None, None, grad
+        ctx.gather.backward_edge(ctx.index, ctx.before)
+        return None, None, None, grad
 
 
 class LayerGather:
     """ZeRO-3's gathering of whole decoder layers (DeepSpeed leaf modules), without DeepSpeed's per-module
     coordinator. DeepSpeed puts four hooks on each leaf layer and runs each fetch and release through its
     trace-based coordinator (a trace check, the prefetch queue, per-parameter registries and events: ~0.5 ms
-    of host time per fetch on an H100 host, 2 fetches and 2 releases per layer per step, more than one
-    layer's forward takes on the GPU at one GPU). The layers always run in the same order, so the schedule
-    needs no trace: the forward gathers layer i and starts gathering i + 1 on DeepSpeed's all-gather stream;
-    after the layer's forward its gathered copies are released; when the gradient of its output arrives the
-    backward gathers it again and starts on i - 1; when the gradients of its inputs are computed it is
-    released. The gathering itself is DeepSpeed's (`all_gather_coalesced` over the layer's partitioned
-    parameters, one call per layer; a no-op view at one rank), as is the release (`partition`); persistent
-    parameters (the adapter, the norms) are gathered when DeepSpeed has partitioned them (at the start, and
-    after its optimizer step releases everything) and never released here, as in DeepSpeed. The other modules
-    (embeddings, final norm, head) stay with DeepSpeed's coordinator. The kernel census of the first step
+    of host time per fetch and ~0.3 ms per release on an H100 host, two of each per layer per step). The
+    layers always run in the same order, so the schedule needs no trace: the forward gathers layer i and
+    starts gathering i + 1 on DeepSpeed's all-gather stream; after the layer's forward its gathered copies
+    are released; when the gradient of its output arrives the backward gathers it again and starts on
+    i - 1; when the gradients of its inputs are computed it is released. The gathering itself is
+    DeepSpeed's (`all_gather_coalesced` over the layer's partitioned parameters, one call per layer; a
+    no-op view at one rank), as is the release (`partition`); persistent parameters (the adapter, the
+    norms) are gathered when DeepSpeed has partitioned them (at the start, and after its optimizer step
+    releases everything) and never released here, as in DeepSpeed. The other modules (embeddings, final
+    norm, head) stay with DeepSpeed's coordinator. The kernel census of the first step
     counts the layers gathered this way (`zero3_layer_gather`: forward, backward)."""
 
     def __init__(self, layers, stream):
@@ -283,8 +269,6 @@ class LayerGather:
         self.releasable = [[p for p in params if not p.ds_persist] for params in self.params]
         self.inflight: dict[int, object] = {}
         self.waiting_grads = [0] * len(self.layers)
-        self.fetches = 0
-        """Layers gathered for a forward or a backward (counted, for the tests and the log)."""
 
     def _start(self, i: int) -> None:
         """Start gathering layer i (returns at once; `_wait` finishes it)."""
@@ -317,7 +301,6 @@ class LayerGather:
         """Layer i whole on this rank (gathered now unless already under way), and layer `then` started."""
         self._start(i)
         self._wait(i)
-        self.fetches += 1
         self._start(then)
 
     def release(self, i: int) -> None:
@@ -326,13 +309,18 @@ class LayerGather:
         if held:
             held[0].partition(param_list=held)
 
-    def input_grad_done(self, i: int) -> None:
+    def backward_edge(self, i: int, before: bool) -> None:
+        if before:  # layer i's output gradient: its backward is next; start on the layer before it
+            self.fetch(i, i - 1)
+            census.note("zero3_layer_gather", "backward", str(i))
+            return
         self.waiting_grads[i] -= 1
         if self.waiting_grads[i] == 0:
             self.release(i)
 
     def release_all(self) -> None:
-        """Finish and free whatever is still gathered (before the optimizer step's own release)."""
+        """Finish and free the gathers still under way (a prefetch no forward used), before the optimizer
+        step's own release of every parameter (which frees what is gathered and requires none in flight)."""
         for i in list(self.inflight):
             self.release(i)
 
@@ -347,7 +335,7 @@ class LayerGather:
         def wrap(x):
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 self.waiting_grads[i] += 1
-                return _AfterLayerBackward.apply(self, i, x)
+                return _BackwardEdge.apply(self, i, False, x)
             return x
 
         args = tuple(wrap(a) for a in args)
@@ -360,9 +348,9 @@ class LayerGather:
         if not torch.is_grad_enabled():
             return None
         if isinstance(output, torch.Tensor):
-            return _BeforeLayerBackward.apply(self, i, output) if output.requires_grad else output
+            return _BackwardEdge.apply(self, i, True, output) if output.requires_grad else output
         if isinstance(output, (tuple, list)):
-            wrapped = [_BeforeLayerBackward.apply(self, i, o) if isinstance(o, torch.Tensor) and o.requires_grad
+            wrapped = [_BackwardEdge.apply(self, i, True, o) if isinstance(o, torch.Tensor) and o.requires_grad
                        else o for o in output]
             return type(output)(wrapped)
         if output is not None:
@@ -430,7 +418,6 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         gather = _gather_layers_ourselves(engine, offload)
         if gather is None:
             return False
-        engine._distsft_layer_gather = gather
         release_every = offload.partition_all_parameters  # DeepSpeed's, or the bulk one below: either way,
 
         def partition_all_parameters():  # what our schedule still holds is finished and freed first
