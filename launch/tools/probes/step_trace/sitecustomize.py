@@ -31,7 +31,7 @@ if os.environ.get("DISTSFT_STEP_TRACE") == "1":
 
     _SKIP = int(os.environ.get("DISTSFT_STEP_TRACE_SKIP", "3"))
     _STEPS = int(os.environ.get("DISTSFT_STEP_TRACE_STEPS", "2"))
-    _state = {"n": 0, "prof": None, "t0": None, "wall": None, "trace": None, "installed": False}
+    _state = {"n": 0, "prof": None, "t0": None, "wall": None, "trace": None}
     _syncs: collections.Counter = collections.Counter()
     _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,26 +87,10 @@ if os.environ.get("DISTSFT_STEP_TRACE") == "1":
         elif _state["n"] == _SKIP + _STEPS and _state["prof"] is not None:
             _stop()
 
-    class _Finder:  # installs the optimizer-step hook once torch.optim is imported
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname != "torch.optim.optimizer" or _state["installed"]:
-                return None
-            import importlib.machinery
+    # The trainer imports torch anyway; the step hook needs it loaded before any optimizer steps.
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
-            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-            if spec is None or spec.loader is None:
-                return spec
-            run = spec.loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                module.register_optimizer_step_post_hook(_after_step)
-                _state["installed"] = True
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _Finder())
+    register_optimizer_step_post_hook(_after_step)
 
     def _merged(intervals):
         out = []
