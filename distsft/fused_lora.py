@@ -44,6 +44,32 @@ def static_reason(m) -> str | None:
     return None
 
 
+_PARTS = "_distsft_lora_parts"
+
+
+def _parts(m) -> tuple | None:
+    """(adapter key, base layer, lora_A, lora_B) of a bound LoRA layer whose one adapter is the active one,
+    else None. Looked up through peft once per adapter (the layer's attribute cache is checked against its
+    adapter modules on every call): this runs for every projection in every forward and recompute, and
+    peft's properties and `get_base_layer` cost a host-bound ZeRO-3 step ~10 us per call."""
+    active = m.active_adapters
+    modules = m._modules
+    lora_a, lora_b = modules["lora_A"]._modules, modules["lora_B"]._modules
+    if len(active) != 1 or list(lora_a) != active:
+        return None
+    key = active[0]
+    cached = m.__dict__.get(_PARTS)
+    if cached is None or cached[0] != key or cached[2] is not lora_a[key] or cached[3] is not lora_b.get(key):
+        cached = m.__dict__[_PARTS] = (key, m.get_base_layer(), lora_a[key], lora_b[key])
+    return cached
+
+
+def _param(module, name: str):
+    """`module.<name>` for a registered parameter, read from its dict without module attribute lookup or
+    DeepSpeed's gathering getter (`unfused_reason` has checked the weights are whole)."""
+    return dict.__getitem__(module._parameters, name)
+
+
 def unfused_reason(m) -> str | None:
     """Per call: None when the fused path computes exactly what peft's forward would right now, else why
     not. Anything that hooks the module itself (DeepSpeed ZeRO-3's per-module gathering, accelerate's
@@ -55,38 +81,39 @@ def unfused_reason(m) -> str | None:
         return "not patched"
     if m.disable_adapters or m.merged:
         return "the adapter is disabled or merged"
-    if m.active_adapters != list(m.lora_A.keys()):
+    parts = _parts(m)
+    if parts is None:
         return "another adapter is active"
-    base = m.get_base_layer()
+    _, base, lora_a, lora_b = parts
     for mod in (m, base):
         if "_hf_hook" in mod.__dict__:
             return "accelerate hooks the module (device_map offload)"
         if mod._forward_hooks or mod._forward_pre_hooks:
             return ("hooks run on the module itself (DeepSpeed ZeRO-3 gathers it per module: "
                     "distributed.zero3_gather=layer gathers whole decoder layers)")
-    key = m.active_adapters[0]
-    for p in (base.weight, m.lora_A[key].weight, m.lora_B[key].weight):
+    for p in (_param(base, "weight"), _param(lora_a, "weight"), _param(lora_b, "weight")):
         if getattr(p, "ds_status", None) is not None and p.ds_status.name != "AVAILABLE":
             return "a ZeRO-3 partitioned weight is not gathered when the projection runs"
     return None
 
 
 def fused(x, modules, values_unused: bool = False):
-    """The LoRA layers `modules` (fused, one adapter) applied to their common input x, as one node."""
-    key = modules[0].active_adapters[0]
+    """The LoRA layers `modules` (fused, one adapter, `unfused_reason` None for each) applied to their
+    common input x, as one node."""
+    parts = [_parts(m) for m in modules]
+    key = parts[0][0]
     if census.ACTIVE is not None:
         for m in modules:
             census.ACTIVE.note("lora", "fused", m.__dict__[TAG].name)
         census.ACTIVE.groups["+".join(m.__dict__[TAG].name.rpartition(".")[2] for m in modules)] += 1
     weights, biases = [], []
-    for m in modules:
-        base = m.get_base_layer()
+    for m, (_, base, _, _) in zip(modules, parts, strict=True):
         # A 4-bit weight is dequantized on demand, in the forward and again in the backward (never kept): the
         # same fused GEMMs as a plain weight, no bitsandbytes autograd node and no separate dx sum.
-        weights.append(qlora.Dequantized4bit(base, m.__dict__[TAG]) if qlora.is_4bit(base) else base.weight)
-        biases.append(base.bias)
+        weights.append(qlora.Dequantized4bit(base, m.__dict__[TAG]) if qlora.is_4bit(base) else _param(base, "weight"))
+        biases.append(base._parameters.get("bias"))
     return K.lora_projections(
-        x, [m.lora_A[key].weight for m in modules], [m.lora_B[key].weight for m in modules],
+        x, [_param(a, "weight") for _, _, a, _ in parts], [_param(b, "weight") for _, _, _, b in parts],
         [m.scaling[key] for m in modules], weights=weights, biases=biases,
         values_unused=values_unused, keep_dequantized=qlora.KEEP_RECOMPUTED_DEQUANT and recomputing())
 
@@ -115,6 +142,6 @@ def projections(x, modules) -> tuple:
     layers with the same adapter, else each module called as HF calls it."""
     bound = all(TAG in m.__dict__ and m.__dict__[TAG].activation == "lora" for m in modules)
     if (bound and all(unfused_reason(m) is None for m in modules)
-            and len({m.active_adapters[0] for m in modules}) == 1):
+            and len({_parts(m)[0] for m in modules}) == 1):
         return fused(x, modules)
     return tuple(m(x) for m in modules)
