@@ -295,18 +295,22 @@ class StepBackend:
     def backward(self, loss: torch.Tensor) -> None:
         (self.engine.backward if self.engine is not None else self.accelerator.backward)(loss)
 
-    def clip_and_step(self, loss: float) -> float:
-        """Clip the gradients to `train.max_grad_norm` and update the weights unless the step's `loss` or
-        the global gradient norm is non-finite; returns that norm (before clipping). Under DeepSpeed the
-        engine clips (gradient_clipping) and steps inside `engine.step()`, where its overflow check skips
-        the update when the gradients are non-finite, on every rank."""
+    def clip_and_step(self, read_loss) -> tuple[float, float]:
+        """Clip the gradients to `train.max_grad_norm` and update the weights unless the step's loss or the
+        global gradient norm is non-finite; returns (that norm before clipping, the loss). `read_loss()`
+        gives the step's global loss (a collective that waits for the GPU). Under DeepSpeed the engine
+        clips (gradient_clipping) and steps inside `engine.step()`, where its overflow check skips the
+        update when the gradients are non-finite, on every rank; it does not read the loss, so the loss
+        is read after the step, and the step's host work (DeepSpeed's release of every parameter and its
+        norm) is queued while the GPU still runs the backward instead of after it."""
         if self.engine is not None:
             self.engine.step()
-            return float(self.engine.get_global_grad_norm() or 0.0)
+            return float(self.engine.get_global_grad_norm() or 0.0), read_loss()
+        loss = read_loss()
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm))
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
-        return grad_norm
+        return grad_norm, loss
 
 
 def prepare_for_mode(accelerator, model, optimizer, *, layers, dtype: torch.dtype, micro_batch: int, accum: int,

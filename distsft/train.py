@@ -306,8 +306,8 @@ def main(cfg: Config) -> TrainOutput:
         if step == first_step:  # the kernel census of this process's first step: an event, a log line
             report_census(ran, kernel_report, tracker, step, cfg.kernels.backend, is_main)
         with timer.phase("optimizer"):
-            step_loss = float(reduce_sum(loss_sum)) / global_tokens  # global: every rank decides alike below
-            grad_norm = backend.clip_and_step(step_loss)  # no update when the loss or the norm is non-finite
+            # no update when the loss (global: every rank decides alike) or the gradient norm is non-finite
+            grad_norm, step_loss = backend.clip_and_step(lambda: float(reduce_sum(loss_sum)) / global_tokens)
             state["skipped_steps"] += nonfinite.skipped(step, step_loss, grad_norm)  # or TrainingDiverged
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
