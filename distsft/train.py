@@ -307,7 +307,8 @@ def main(cfg: Config) -> TrainOutput:
             report_census(ran, kernel_report, tracker, step, cfg.kernels.backend, is_main)
         with timer.phase("optimizer"):
             # no update when the loss (global: every rank decides alike) or the gradient norm is non-finite
-            grad_norm, step_loss = backend.clip_and_step(lambda: float(reduce_sum(loss_sum)) / global_tokens)
+            grad_norm, step_loss = backend.clip_and_step(
+                lambda total=loss_sum, n=global_tokens: float(reduce_sum(total)) / n)
             state["skipped_steps"] += nonfinite.skipped(step, step_loss, grad_norm)  # or TrainingDiverged
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()

@@ -4,12 +4,13 @@ At one GPU a ZeRO-3 step of a LoRA run is bound by DeepSpeed's Python rather tha
 it fetches and releases parameters, per trainable tensor it moves a gradient, copies its reduced
 partition and takes a norm, per parameter it releases at the step and gathers the persistent ones again
 after it. `speed_up_zero3` replaces eight of those pieces, on the prepared engine's instances (and
-DeepSpeed's debug-print helper), by code that does the same with less host work; each checks that the DeepSpeed internals it replaces look as expected and otherwise leaves DeepSpeed's
-code in place. The largest is `LayerGather`: the decoder layers gathered and released on a fixed
-schedule by two hooks each, instead of four hooks each and DeepSpeed's trace-based coordinator. What
-they save on one GPU: launch/results/zero_h100.md; that they change nothing else:
-tests/integration/test_distributed.py (`test_zero3_fast_paths_change_only_host_work`, on 2 ranks, where
-the gathers are real all-gathers) and tests/unit/test_zero_modes.py. Written against DeepSpeed 0.19.
+DeepSpeed's debug-print helper), by code that does the same with less host work; each checks that the
+DeepSpeed internals it replaces look as expected and otherwise leaves DeepSpeed's code in place. The
+largest is `LayerGather`: the decoder layers gathered and released on a fixed schedule by two hooks
+each, instead of four hooks each and DeepSpeed's trace-based coordinator. What they save on one GPU:
+launch/results/zero_h100.md; that they change nothing else: tests/integration/test_distributed.py
+(`test_zero3_fast_paths_change_only_host_work`, on 2 ranks, where the gathers are real all-gathers) and
+tests/unit/test_zero_modes.py. Written against DeepSpeed 0.19.
 """
 
 from __future__ import annotations
@@ -446,7 +447,8 @@ def _needs_deepspeeds_gathering(engine, offload) -> bool:
     """ZeRO++ quantized weights or its secondary (hpZ) partitions, or parameters swapped to NVMe: DeepSpeed's
     coordinator gathers those with their quantization, per secondary-tensor group, and with the swapper's
     buffers; `LayerGather` and the persistent gather at the step only do the plain coalesced gather."""
-    return bool(getattr(offload, "zero_quantized_weights", True) or getattr(offload, "zero_quantized_nontrainable_weights", True)
+    return bool(getattr(offload, "zero_quantized_weights", True)
+                or getattr(offload, "zero_quantized_nontrainable_weights", True)
                 or getattr(offload, "zero_param_parallel_group", None) is not None
                 or getattr(engine.optimizer, "zero_hpz_partition_size", 1) > 1
                 or str(getattr(offload, "offload_device", None)).endswith("nvme"))
@@ -529,7 +531,8 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         "each layer's gradients moved into the reduce bucket together": lambda: _batched_gradient_bucket(optimizer),
         "reduced gradient partitions copied in one foreach call": lambda: _batched_grad_partitions(optimizer),
         "parameters released in one call at the step": lambda: offload is not None and _bulk_release_at_step(offload),
-        "persistent parameters gathered in one call after the step": lambda: _coalesced_persistent_gather(engine, offload),
+        "persistent parameters gathered in one call after the step":
+            lambda: _coalesced_persistent_gather(engine, offload),
         "decoder layers gathered on a fixed schedule": gather_layers,
     }
     done = [name for name, install in candidates.items() if install()]

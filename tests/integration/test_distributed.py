@@ -228,10 +228,10 @@ def test_zero3_per_module_gathering_falls_back_by_name(runner, full_runs):
 def test_zero3_fast_paths_change_only_host_work(runner, full_runs):
     """`distributed.zero3_fast_paths` (on by default) replaces eight pieces of DeepSpeed's per-step host code
     (module list, debug prints, gradient bucket, gradient partitions, gradient norm, release at the step,
-    the gather after it, the gathering of the decoder layers): the log names each one installed, the census of the first step counts every decoder
-    layer gathered by distsft's schedule for its forward and its backward (and none with DeepSpeed's own
-    code), and the run equals DeepSpeed's own code (`false`) in losses and gradient norms, step by step,
-    and in the adapter it exports."""
+    the gather after it, the gathering of the decoder layers): the log names each one installed, the census
+    of the first step counts every decoder layer gathered by distsft's schedule for its forward and its
+    backward (and none with DeepSpeed's own code), and the run equals DeepSpeed's own code (`false`) in
+    losses and gradient norms, step by step, and in the adapter it exports."""
     from safetensors.torch import load_file
 
     fast = full_runs["zero3_2"]
@@ -241,7 +241,8 @@ def test_zero3_fast_paths_change_only_host_work(runner, full_runs):
         "the module tree listed once", "debug prints checked before the rank lookup",
         "gradient norm in one foreach launch", "each layer's gradients moved into the reduce bucket together",
         "reduced gradient partitions copied in one foreach call", "parameters released in one call at the step",
-        "persistent parameters gathered in one call after the step", "decoder layers gathered on a fixed schedule"], line
+        "persistent parameters gathered in one call after the step",
+        "decoder layers gathered on a fixed schedule"], line
     assert "ZeRO-3 host fast paths: off (distributed.zero3_fast_paths=false)" in plain.proc.stderr
     assert census(fast)["ran"]["zero3_layer_gather"] == {"forward": 2, "backward": 2}, census(fast)
     assert "zero3_layer_gather" not in census(plain)["ran"], census(plain)
