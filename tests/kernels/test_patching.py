@@ -309,6 +309,39 @@ def test_census_counts_what_ran_and_names_each_fallback():
     assert "lora 13/14 (fused 13, peft 1)" in census.summary(report)
 
 
+def test_fused_path_follows_adapter_changes_after_its_lookup_is_cached():
+    """`fused_lora` caches each LoRA layer's (adapter, base, lora_A, lora_B) after the first call; the cache
+    must follow the adapter set: a second adapter made active, adapters disabled, and an adapter module
+    replaced under the same name each change what runs, as peft's own forward would."""
+    from distsft import fused_lora
+    from distsft.census import record_kernels
+
+    model = _lora_model("llama")
+    apply_kernels(model, KernelsConfig())
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    _run_step(model)  # caches every layer's lookup
+    assert fused_lora.unfused_reason(q) is None
+
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert fused_lora.unfused_reason(q) == "another adapter is active"  # two adapters on the layer now
+    model.base_model.set_adapter("second")
+    with record_kernels() as census:
+        _run_step(model)
+    assert census.counts()["lora"] == {"peft": LORA}
+    model.delete_adapter("second")
+    model.base_model.set_adapter("default")
+    assert fused_lora.unfused_reason(q) is None
+
+    with model.disable_adapter():
+        assert fused_lora.unfused_reason(q) == "the adapter is disabled or merged"
+
+    fresh = torch.nn.Linear(q.lora_A["default"].in_features, 4, bias=False).to(DEVICE)
+    torch.nn.init.normal_(fresh.weight)
+    q.lora_A["default"] = fresh  # a new module under the same adapter name: the fused path reads it
+    x = torch.randn(3, fresh.in_features, device=DEVICE)
+    torch.testing.assert_close(fused_lora.lora_forward(q, x), type(q).forward(q, x), rtol=1e-4, atol=1e-4)
+
+
 def test_census_names_the_reference_backend():
     """`kernels.backend=torch` runs the references: counted as such, with the reason in the warning."""
     from distsft.census import record_kernels
