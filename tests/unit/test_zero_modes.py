@@ -177,3 +177,28 @@ def test_quiet_debug_prints_print_what_deepspeed_printed(capsys, monkeypatch):
     assert calls == [] and capsys.readouterr().out == ""  # no rank lookup, no output
     pp.print_rank_0("loud", force=True)
     assert calls == [1] and capsys.readouterr().out == "loud\n"
+
+
+def test_zero_plus_plus_and_nvme_keep_deepspeeds_gathering():
+    """`LayerGather` and the coalesced persistent gather do the plain coalesced all-gather only: with ZeRO++
+    quantized weights (all, or the frozen ones), its secondary partitions (hpZ), or parameters swapped to
+    NVMe, or internals that do not say, DeepSpeed's own gathering stays."""
+    from types import SimpleNamespace
+
+    from distsft.zero3_host import _needs_deepspeeds_gathering
+
+    def offload(**changes):
+        return SimpleNamespace(**{"zero_quantized_weights": False, "zero_quantized_nontrainable_weights": False,
+                                  "zero_param_parallel_group": None, "offload_device": None, **changes})
+
+    engine = SimpleNamespace(optimizer=SimpleNamespace(zero_hpz_partition_size=1))
+    assert not _needs_deepspeeds_gathering(engine, offload())
+    assert not _needs_deepspeeds_gathering(engine, offload(offload_device="cpu"))
+    for changes in ({"zero_quantized_weights": True}, {"zero_quantized_nontrainable_weights": True},
+                    {"zero_param_parallel_group": object()}, {"offload_device": "nvme"}):
+        assert _needs_deepspeeds_gathering(engine, offload(**changes)), changes
+    assert _needs_deepspeeds_gathering(SimpleNamespace(optimizer=SimpleNamespace(zero_hpz_partition_size=8)),
+                                       offload())
+    unknown = offload()
+    del unknown.zero_quantized_weights  # a DeepSpeed whose internals differ: not ours to gather
+    assert _needs_deepspeeds_gathering(engine, unknown)
