@@ -301,8 +301,9 @@ class StepBackend:
         gives the step's global loss (a collective that waits for the GPU). Under DeepSpeed the engine
         clips (gradient_clipping) and steps inside `engine.step()`, where its overflow check skips the
         update when the gradients are non-finite, on every rank; it does not read the loss, so the loss
-        is read after the step, and the step's host work (DeepSpeed's release of every parameter and its
-        norm) is queued while the GPU still runs the backward instead of after it."""
+        is read after the step, and the start of the step (DeepSpeed's release of every parameter, the
+        launch of its norm, up to its own check of the norm) runs on the host while the GPU finishes the
+        backward instead of after it."""
         if self.engine is not None:
             self.engine.step()
             return float(self.engine.get_global_grad_norm() or 0.0), read_loss()
