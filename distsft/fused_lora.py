@@ -97,10 +97,10 @@ def unfused_reason(m) -> str | None:
     return None
 
 
-def fused(x, modules, values_unused: bool = False):
+def fused(x, modules, values_unused: bool = False, parts=None):
     """The LoRA layers `modules` (fused, one adapter, `unfused_reason` None for each) applied to their
-    common input x, as one node."""
-    parts = [_parts(m) for m in modules]
+    common input x, as one node. `parts`: their `_parts`, when the caller has them."""
+    parts = parts or [_parts(m) for m in modules]
     key = parts[0][0]
     if census.ACTIVE is not None:
         for m in modules:
@@ -141,7 +141,8 @@ def projections(x, modules) -> tuple:
     """modules(x) for projections that read the same x: one fused node when all of them are fused LoRA
     layers with the same adapter, else each module called as HF calls it."""
     bound = all(TAG in m.__dict__ and m.__dict__[TAG].activation == "lora" for m in modules)
-    if (bound and all(unfused_reason(m) is None for m in modules)
-            and len({_parts(m)[0] for m in modules}) == 1):
-        return fused(x, modules)
+    if bound and all(unfused_reason(m) is None for m in modules):
+        parts = [_parts(m) for m in modules]
+        if len({key for key, *_ in parts}) == 1:
+            return fused(x, modules, parts=parts)
     return tuple(m(x) for m in modules)
