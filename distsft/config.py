@@ -261,7 +261,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit"] = "adamw_torch"
-    """`adamw_torch` uses the fused CUDA implementation on a GPU; `adamw_8bit` is bitsandbytes (GPU)."""
+    """`adamw_torch` uses the fused implementation on a GPU and the foreach one on the CPU;
+    `adamw_torch_fused` the fused one on either; `adamw_8bit` is bitsandbytes (GPU)."""
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule after the warmup (to 0 at the last step, except the constant ones)."""
     warmup_ratio: float = 0.0

@@ -276,6 +276,19 @@ def _batched_grad_partitions(optimizer) -> bool:
     return True
 
 
+def _after_compute(stream, params) -> None:
+    """Order a gather of `params` on the side `stream` after the work queued so far on the compute stream,
+    which may have written their partitions (the optimizer step's update). Only where the gather reads them
+    on the GPU: at a partition of one rank DeepSpeed's "gather" is a view, and its handle's wait then
+    synchronises the side stream with the host, which must not wait for the compute stream."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    group = getattr(params[0], "ds_process_group", None)
+    if not get_accelerator().resolves_data_dependency() and dist.get_world_size(group=group) > 1:
+        stream.wait_stream(get_accelerator().current_stream())
+
+
 def _coalesced_persistent_gather(engine, offload) -> bool:
     """After its optimizer step DeepSpeed gathers the persistent parameters again (the adapter and the norms,
     ~500 for an 8B model; its step released them), with a blocking gather that launches one all-gather per
@@ -303,6 +316,7 @@ def _coalesced_persistent_gather(engine, offload) -> bool:
             if stream is None:
                 todo[0].all_gather_coalesced(todo).wait()
             else:
+                _after_compute(stream, todo)  # the partitions the update just wrote
                 with accelerator.stream(stream):
                     todo[0].all_gather_coalesced(todo).wait()
                 accelerator.current_stream().wait_stream(stream)
@@ -310,6 +324,66 @@ def _coalesced_persistent_gather(engine, offload) -> bool:
         optimizer.timers.log(timer_names)
 
     optimizer._post_step = _post_step
+    return True
+
+
+def _step_skipped_on_device(optimizer) -> bool:
+    """DeepSpeed's ZeRO-3 step asks the host whether the gradient norm is finite (`is_invalid_grad_norm`,
+    a non-finite norm skips the update) before it queues any of the update: the host waits there for the
+    whole backward, and then the GPU waits while the host runs the rest of the step (clipping, the update,
+    the copy back to the bf16 partitions, the gather after it). With a fused torch Adam/AdamW as the client
+    optimizer the skip can be decided on the device instead: the norm's non-finiteness goes to the fused
+    kernel as `found_inf` (the mechanism of torch's GradScaler), which then leaves the parameters, both
+    moments and the step count as they were, as DeepSpeed's skip does, and the reported norm is infinite,
+    as DeepSpeed reports a skipped step's. Not for fp16 (its loss scaler needs the host's answer), an
+    offloaded or swapped optimizer, ZenFlow, Muon or torch autocast's scaler: DeepSpeed's own step runs.
+    What differs: a step skipped this way is not counted in the engine's `skipped_steps` (the trainer
+    counts it from the norm: `train/skipped_steps`), and DeepSpeed's warning about allocator cache
+    flushes, which reads the allocator's statistics every step, is not given. Returns whether the
+    instance was given this step."""
+    from deepspeed.runtime.utils import combine_grad_norm_groups
+
+    client = getattr(optimizer, "optimizer", None)
+    needed = ("_pre_step", "_partition_all_parameters", "_get_norm_groups", "fp16_groups", "_prepare_sub_group",
+              "unscale_and_clip_grads", "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters",
+              "_release_sub_group", "_post_step", "zero_grad", "loss_scale", "timers", "dtype")
+    if not isinstance(client, torch.optim.Adam | torch.optim.AdamW) or not client.defaults.get("fused") \
+            or not all(hasattr(optimizer, a) for a in needed):
+        return False
+    original = optimizer.step
+
+    def deepspeeds_step_needed() -> bool:
+        return (optimizer.dtype == torch.float16 or optimizer.offload_optimizer
+                or getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "zenflow", False)
+                or getattr(optimizer, "use_muon", False) or getattr(optimizer, "torch_autocast_gradscaler", None)
+                or getattr(optimizer, "dynamic_loss_scale", False) or optimizer.loss_scale != 1.0)
+
+    def step(closure=None):
+        if deepspeeds_step_needed():
+            return original(closure)
+        optimizer._pre_step()
+        optimizer._partition_all_parameters()
+        optimizer.overflow = False
+        norm = combine_grad_norm_groups(optimizer._get_norm_groups())  # +inf where any group's was invalid
+        invalid = ~torch.isfinite(norm) | (norm < 0)
+        optimizer._global_grad_norm = torch.where(invalid, torch.full_like(norm, float("inf")), norm)
+        timer_names = {"optimizer_step"}
+        optimizer.timers("optimizer_step").start()
+        optimizer.zero_grad(set_to_none=True)  # the partitions hold the gradients now, as in DeepSpeed's step
+        client.found_inf = invalid.to(torch.float32)
+        try:
+            for sub_group_id in range(len(optimizer.fp16_groups)):
+                optimizer._prepare_sub_group(sub_group_id, timer_names)
+                optimizer.unscale_and_clip_grads(sub_group_id, norm)
+                optimizer._optimizer_step(sub_group_id)
+                optimizer._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+                optimizer._release_sub_group(sub_group_id, timer_names)
+        finally:
+            del client.found_inf
+        optimizer.timers("optimizer_step").stop()
+        optimizer._post_step(timer_names)
+
+    optimizer.step = step
     return True
 
 
@@ -365,6 +439,7 @@ class LayerGather:
             else:
                 from deepspeed.accelerator import get_accelerator
 
+                _after_compute(self.stream, todo)
                 with get_accelerator().stream(self.stream):
                     self.inflight[i] = todo[0].all_gather_coalesced(todo)
 
@@ -533,6 +608,8 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         "parameters released in one call at the step": lambda: offload is not None and _bulk_release_at_step(offload),
         "persistent parameters gathered in one call after the step":
             lambda: _coalesced_persistent_gather(engine, offload),
+        "non-finite gradients skipped on the device, without waiting for the norm":
+            lambda: _step_skipped_on_device(optimizer),
         "decoder layers gathered on a fixed schedule": gather_layers,
     }
     done = [name for name, install in candidates.items() if install()]
