@@ -190,6 +190,10 @@ def configure_deepspeed(accelerator, *, micro_batch: int, accum: int, max_grad_n
             section["enabled"] = wanted
         elif bool(section["enabled"]) != wanted:
             raise ValueError(f"DeepSpeed config has {key}.enabled={section['enabled']} but model.dtype is {dtype}")
+    # DeepSpeed's throughput timer (on by default) synchronizes the device at the start of every forward and
+    # at every step, for a samples/s line printed every `steps_per_print` steps; the trainer times its steps
+    # itself (perf/*), so it is off unless the JSON has a "timers" section.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     # The trainer steps its own schedule and passes its own torch optimizer.
     for key in ("scheduler", "optimizer"):
         if key in ds:

@@ -57,6 +57,10 @@ def test_deepspeed_config_refuses_a_disagreeing_batch_size(tmp_path):
     ds["gradient_accumulation_steps"] = "auto"
     configure_deepspeed(acc, micro_batch=2, accum=3, max_grad_norm=0.5, dtype=torch.bfloat16)
     assert (ds["train_batch_size"], ds["gradient_clipping"], ds["bf16"]["enabled"]) == (12, 0.5, True)
+    assert ds["timers"] == {"throughput": {"enabled": False}}  # no device synchronisation per forward and step
+    ds["timers"] = {"throughput": {"enabled": True, "synchronized": False}}
+    configure_deepspeed(acc, micro_batch=2, accum=3, max_grad_norm=0.5, dtype=torch.bfloat16)
+    assert ds["timers"] == {"throughput": {"enabled": True, "synchronized": False}}  # the JSON's own choice stays
 
 
 @pytest.mark.parametrize("script", ["multinode.sh", "slurm.sbatch"])
