@@ -226,9 +226,10 @@ def test_zero3_per_module_gathering_falls_back_by_name(runner, full_runs):
 
 
 def test_zero3_fast_paths_change_only_host_work(runner):
-    """`distributed.zero3_fast_paths` (on by default) replaces nine pieces of DeepSpeed's per-step host code
-    (module list, debug prints, gradient bucket, gradient partitions, gradient norm, release at the step,
-    the gather after it, the step's check of the norm, the gathering of the decoder layers): the log names
+    """`distributed.zero3_fast_paths` (on by default) replaces ten pieces of DeepSpeed's per-step host code
+    (module list, debug prints, gradient bucket, its reduce-scatter, gradient partitions, gradient norm,
+    release at the step, the gather after it, the step's check of the norm, the gathering of the decoder
+    layers): the log names
     each one installed, the census of the first step counts every decoder layer gathered by distsft's
     schedule for its forward and its backward (and none with DeepSpeed's own code), and the run equals
     DeepSpeed's own code (`false`) in losses and gradient norms, step by step, and in the adapter it
@@ -243,6 +244,7 @@ def test_zero3_fast_paths_change_only_host_work(runner):
     assert line.split("ZeRO-3 host fast paths: ")[1].split("; ") == [
         "the module tree listed once", "debug prints checked before the rank lookup",
         "gradient norm in one foreach launch", "each layer's gradients moved into the reduce bucket together",
+        "gradient buckets reduce-scattered with one split per gradient",
         "reduced gradient partitions copied in one foreach call", "parameters released in one call at the step",
         "persistent parameters gathered in one call after the step",
         "non-finite gradients skipped on the device, without waiting for the norm",

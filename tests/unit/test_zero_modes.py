@@ -202,3 +202,52 @@ def test_zero_plus_plus_and_nvme_keep_deepspeeds_gathering():
     unknown = offload()
     del unknown.zero_quantized_weights  # a DeepSpeed whose internals differ: not ours to gather
     assert _needs_deepspeeds_gathering(engine, unknown)
+
+
+def _reduce_scatter_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+    from types import SimpleNamespace
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.comm as dist
+    from deepspeed.runtime.comm.coalesced_collectives import reduce_scatter_coalesced
+
+    from distsft.zero3_host import _coalesced_reduce_scatter
+
+    dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"file://{init_file}",
+                          rank=rank, world_size=world)
+    torch.manual_seed(rank)  # every rank its own gradients
+    sizes = (7, 12, 1, 5, 30, 2, 9)  # padded at 2 and 3 ranks, a gradient shorter than the ranks
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.empty(n))
+        p.grad = torch.randn(n)
+        params.append(p)
+    theirs = reduce_scatter_coalesced([p.grad.clone() for p in params], None)
+    calls = []
+    optimizer = SimpleNamespace(
+        _DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads=lambda ps, dtype: calls.append(dtype),
+        _get_param_partition_group=lambda p: None, _assert_same_partition_group=lambda ps: None,
+        _autoep_expert_parallel_group=lambda ps: None, dtype=torch.float32,
+        gradient_accumulation_dtype=torch.float32, postscale_gradients=False, gradient_predivide_factor=1.0)
+    assert _coalesced_reduce_scatter(optimizer)
+    ours = optimizer._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads(params, torch.float32)
+    assert not calls  # ours ran, not the fallback
+    optimizer._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads(params, torch.bfloat16)
+    assert calls == [torch.bfloat16]  # another communication dtype: DeepSpeed's method
+    torch.save({"ours": ours, "theirs": theirs}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_coalesced_reduce_scatter_equals_deepspeeds(tmp_path, world):
+    """The bucket reduce-scatter built with one split per gradient gives each rank exactly the partitions
+    DeepSpeed's `reduce_scatter_coalesced` gives it (same values, same lengths), padding included: gradients
+    whose length the world size does not divide, one shorter than the number of ranks (gloo processes)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_scatter_worker, args=(world, str(tmp_path / "pg"), str(tmp_path)), nprocs=world)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert [t.shape for t in got["ours"]] == [t.shape for t in got["theirs"]], rank
+        assert all(torch.equal(a, b) for a, b in zip(got["ours"], got["theirs"], strict=True)), rank
