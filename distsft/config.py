@@ -397,16 +397,18 @@ class DistributedConfig:
     per layer. `module`: DeepSpeed's default, a gather per module (the LoRA layers then run peft's
     forward; for comparison)."""
     zero3_fast_paths: bool = True
-    """ZeRO-3 only. Replace eight pieces of DeepSpeed's per-step host work by equivalents that do the same
+    """ZeRO-3 only. Replace ten pieces of DeepSpeed's per-step host work by equivalents that do the same
     with less Python (the decoder layers, with `zero3_gather=layer`, gathered and released on a fixed
     schedule instead of through DeepSpeed's trace-based coordinator; the model's module tree, walked
     twice per forward, listed once; its debug prints check whether they print before looking up the
-    rank; each decoder layer's gradients moved into the reduce bucket together instead of one by one; the
-    reduced gradient partitions copied into the optimizer's buffer in one foreach call instead of one
-    copy per trainable tensor; the gradient norm in one foreach launch instead of one per trainable
-    tensor; the parameters still held at the step released in one call instead of one per parameter, and
-    the persistent ones gathered again after it in one coalesced call instead of one all-gather each;
-    distsft/zero3_host.py).
+    rank; each decoder layer's gradients moved into the reduce bucket together instead of one by one; a
+    bucket's reduce-scatter laid out with one split per gradient instead of per-rank slices; the reduced
+    gradient partitions copied into the optimizer's buffer in one foreach call instead of one copy per
+    trainable tensor; the gradient norm in one foreach launch instead of one per trainable tensor; the
+    parameters still held at the step released in one call instead of one per parameter, and the
+    persistent ones gathered again after it in one coalesced call instead of one all-gather each; with a
+    fused AdamW, a step whose gradients are not finite skipped on the device instead of the host waiting
+    for the norm; distsft/zero3_host.py).
     `false` runs DeepSpeed's own code, e.g. to compare or after a DeepSpeed upgrade changed those internals."""
     zero12: Literal["auto", "deepspeed", "ddp"] = "auto"
     """ZeRO-1/2 configs. ZeRO-1/2 partition only the trainable state (its gradients and Adam moments),

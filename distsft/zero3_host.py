@@ -3,7 +3,8 @@
 At one GPU a ZeRO-3 step of a LoRA run is bound by DeepSpeed's Python rather than by the GPU: per layer
 it fetches and releases parameters, per trainable tensor it moves a gradient, copies its reduced
 partition and takes a norm, per parameter it releases at the step and gathers the persistent ones again
-after it. `speed_up_zero3` replaces eight of those pieces, on the prepared engine's instances (and
+after it, and its step waits on the host for the gradient norm before it queues the update.
+`speed_up_zero3` replaces ten of those pieces, on the prepared engine's instances (and
 DeepSpeed's debug-print helper), by code that does the same with less host work; each checks that the
 DeepSpeed internals it replaces look as expected and otherwise leaves DeepSpeed's code in place. The
 largest is `LayerGather`: the decoder layers gathered and released on a fixed schedule by two hooks
@@ -633,7 +634,7 @@ def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
 
 
 def speed_up_zero3(engine, enabled: bool) -> list[str]:
-    """After `prepare` under ZeRO-3: replace eight of DeepSpeed's per-step host costs by equivalents
+    """After `prepare` under ZeRO-3: replace ten of DeepSpeed's per-step host costs by equivalents
     (`distributed.zero3_fast_paths`; what they save on one H100 is in launch/results/zero_h100.md).
     At one GPU and an 8B adapter the step is bound by DeepSpeed's Python, not by the GPU, so host work
     per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log; warns naming
