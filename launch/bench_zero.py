@@ -28,8 +28,11 @@ forward+backward and optimizer seconds, peak allocated memory (rank 0), what the
 first step says ran, and the largest |loss - loss of the first trainer mode| over the common steps.
 
 Output: the markdown table on stdout and in --out with provenance (GPU, versions, commit, date, every
-command), --out's .json the raw numbers, both rewritten after every launch. --deadline-s stops starting
-launches that would not finish in time; skipped ones are listed.
+command), --out's .json the raw numbers, both rewritten after every launch. "vs no DeepSpeed" is a
+DeepSpeed mode's tokens/s over its partner's in the same round (base `none`, the same variants).
+--repeat N runs the trainer modes N rounds in the given order and adds a per-mode summary (median,
+range, the partner ratio of every round): at one GPU ZeRO-3 is host-bound and one call is not a figure.
+--deadline-s stops starting launches that would not finish in time; skipped ones are listed.
 
 On a GPU host with a time limit per run: `python launch/bench_zero.py --data gsm8k_train_alpaca.json
 --workdir /tmp/bz --deadline-s 540 --commit <sha> --out zero.md` (--commit where the host's copy of the tree
@@ -226,6 +229,7 @@ class Bench:
             self.env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
         self.rows: list[dict] = []
         self.skipped: list[str] = []
+        self.round = 1
         self.provenance = self._provenance()
 
     def remaining(self) -> float:
@@ -256,6 +260,8 @@ class Bench:
 
     def trainer(self, mode: str) -> None:
         a, name = self.args, mode.replace("+", "_").replace("@", "_").replace("=", "-")
+        if a.repeat > 1:
+            name += f"_r{self.round}"  # each round's run directory and log kept
         out = self.work / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
         o = {"model.name_or_path": self.model_dir(), "model.tokenizer": "builtin:tiny-llama",
@@ -271,8 +277,8 @@ class Bench:
         o.update(mode_overrides(mode, self.work))
         cmd = [*self.torchrun(), str(TRAIN), *(f"{k}={v}" for k, v in o.items())]
         rc, secs = run_logged(cmd, self.env, self.work / f"{name}.log", self.remaining() - 5)
-        row = {"kind": "distsft", "mode": mode, "rc": rc, "seconds": round(secs, 1), "command": shlex.join(cmd),
-               **trainer_numbers(out / "metrics.jsonl", a.warmup)}
+        row = {"kind": "distsft", "mode": mode, "round": self.round, "rc": rc, "seconds": round(secs, 1),
+               "command": shlex.join(cmd), **trainer_numbers(out / "metrics.jsonl", a.warmup)}
         self.rows.append(row)
 
     def peer(self, ds: str) -> None:
@@ -306,13 +312,46 @@ class Bench:
                 "shape": "tiny (tests/_support)" if self.cpu else self.args.shape,
                 "batch": f"{self.args.micro} x {self.args.seq} per GPU", "data": self.args.data or "builtin:gsm8k-demo"}
 
+    def partner_ratio(self, row: dict) -> float | None:
+        """tokens/s of a DeepSpeed mode over its partner without DeepSpeed (the same variants, base `none`)
+        in the same round; None where there is no such pair."""
+        base, *variants = row["mode"].split("+")
+        if row["kind"] != "distsft" or base == "none" or not row.get("tokens_per_s"):
+            return None
+        partner = next((r for r in self.rows if r["kind"] == "distsft" and r.get("round") == row.get("round")
+                        and r["mode"].split("+")[0] == "none" and sorted(r["mode"].split("+")[1:]) == sorted(variants)
+                        and r.get("tokens_per_s")), None)
+        return row["tokens_per_s"] / partner["tokens_per_s"] if partner else None
+
+    def summary(self) -> str:
+        """Per mode over the --repeat rounds: median tokens/s (and the range), and the ratio to its partner
+        without DeepSpeed in each round (the issue's figure), so that one slow or fast call is visible."""
+        lines = ["| mode | rounds | tokens/s, median (min-max) | vs the same without DeepSpeed, per round | median |",
+                 "|" + " --- |" * 5]
+        for mode in dict.fromkeys(r["mode"] for r in self.rows if r["kind"] == "distsft"):
+            rows = [r for r in self.rows if r["kind"] == "distsft" and r["mode"] == mode and r.get("tokens_per_s")]
+            if not rows:
+                continue
+            tps = [r["tokens_per_s"] for r in rows]
+            ratios = [x for x in (self.partner_ratio(r) for r in rows) if x is not None]
+            lines.append(f"| {mode} | {len(rows)} | {statistics.median(tps):,.0f} ({min(tps):,.0f}-{max(tps):,.0f}) "
+                         f"| {' / '.join(f'{x:.1%}' for x in ratios)} "
+                         f"| {f'{statistics.median(ratios):.1%}' if ratios else ''} |")
+        return "\n".join(lines)
+
     def table(self) -> str:
-        ref = next((r for r in self.rows if r["kind"] == "distsft" and r.get("tokens_per_s")), None)
-        lines = ["| run | tokens/s | vs first | fwd+bwd s | optimizer s | peak GiB | ran as | kernels run in step 1 "
-                 "| max abs loss diff vs first |", "|" + " --- |" * 9]
+        firsts = {}  # round -> the first trainer mode's row with a figure (the 'vs first' and loss reference)
         for r in self.rows:
+            if r["kind"] == "distsft" and r.get("tokens_per_s"):
+                firsts.setdefault(r.get("round", 1), r)
+        lines = ["| run | tokens/s | vs first | vs no DeepSpeed | fwd+bwd s | optimizer s | peak GiB | ran as "
+                 "| kernels run in step 1 | max abs loss diff vs first |", "|" + " --- |" * 10]
+        for r in self.rows:
+            ref = firsts.get(r.get("round", 1))
             tps = r.get("tokens_per_s")
             rel = f"{tps / ref['tokens_per_s']:.1%}" if tps and ref else ""
+            partner = self.partner_ratio(r)
+            partner = "" if partner is None else f"{partner:.1%}"
             diff = ""
             if r.get("losses") and ref and ref.get("losses"):
                 common = set(r["losses"]) & set(ref["losses"])
@@ -321,7 +360,8 @@ class Bench:
             fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
             status = "" if r["rc"] == 0 else f" (exit {r['rc']})"
             ran_as = "" if r["kind"] != "distsft" else f"{r.get('ran_as')}, stage {r.get('zero_stage')}"
-            lines.append(f"| {r['kind']} {r['mode']}{status} | {fmt(tps, ',.0f')} | {rel} "
+            rnd = f" (round {r['round']})" if self.args.repeat > 1 and r["kind"] == "distsft" else ""
+            lines.append(f"| {r['kind']} {r['mode']}{rnd}{status} | {fmt(tps, ',.0f')} | {rel} | {partner} "
                          f"| {fmt(r.get('fwd_bwd_s'), '.3f')} | {fmt(r.get('optimizer_s'), '.3f')} "
                          f"| {fmt(r.get('peak_gib'), '.1f')} | {ran_as} "
                          f"| {r.get('census', '')} | {diff} |")
@@ -330,6 +370,9 @@ class Bench:
     def write(self) -> None:
         md_text = [f"## bench_zero: {self.provenance['shape']}, {self.provenance['batch']}, "
                    f"{self.provenance['gpus']} x {self.provenance['device']}", "", self.table(), ""]
+        if self.args.repeat > 1:
+            md_text += [f"Over {self.args.repeat} rounds (each round runs the modes in the order given):", "",
+                        self.summary(), ""]
         if self.skipped:
             md_text += [f"Skipped (deadline): {', '.join(self.skipped)}", ""]
         md_text += ["Provenance:", "", "```", json.dumps(self.provenance, indent=1), "```", "", "Commands:", ""]
@@ -341,6 +384,8 @@ class Bench:
             out.with_suffix(".json").write_text(json.dumps({"provenance": self.provenance, "rows": self.rows,
                                                             "skipped": self.skipped}, indent=1, default=str))
         print(self.table(), flush=True)
+        if self.args.repeat > 1:
+            print(self.summary(), flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -363,18 +408,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workdir", default="/tmp/bench_zero")
     p.add_argument("--commit", help="the commit measured (the GPU machine's copy has no .git)")
     p.add_argument("--deadline-s", type=float)
+    p.add_argument("--repeat", type=int, default=1, help="run the trainer modes this many rounds, in the given "
+                   "order each time (a mode beside its partner in every round), and add a per-mode summary: the host "
+                   "moves a ZeRO-3 figure by several points between calls minutes apart")
     p.add_argument("--cpu", action="store_true", help="CPU processes (gloo), the tiny test model, fp32")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.cpu:
         args.micro, args.seq = min(args.micro, 1), min(args.seq, 256)
     bench = Bench(args)
-    jobs = [("trainer", m) for m in args.modes.split(",") if m] + [("peer", d) for d in args.peers.split(",") if d]
-    for i, (kind, what) in enumerate(jobs):
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
+    modes = [m for m in args.modes.split(",") if m]
+    jobs = [("trainer", m, k) for k in range(1, args.repeat + 1) for m in modes]
+    jobs += [("peer", d, 1) for d in args.peers.split(",") if d]
+    for i, (kind, what, rnd) in enumerate(jobs):
         per_launch = (time.monotonic() - bench.t0) / i if i else 0
         if bench.remaining() < max(30.0, 0.8 * per_launch):
-            bench.skipped += [f"{k} {w}" for k, w in jobs[i:]]
+            bench.skipped += [f"{k} {w}" + (f" (round {r})" if args.repeat > 1 and k == "trainer" else "")
+                              for k, w, r in jobs[i:]]
             break
+        bench.round = rnd
         getattr(bench, kind)(what)
         bench.write()
     bench.write()
