@@ -12,39 +12,32 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_bench_zero_runs_every_kind_of_row_on_cpu(tmp_path):
+    """Trainer rows (no DeepSpeed; ZeRO-3 with a DeepSpeed setting changed by `@key=value`), two rounds of
+    them (`--repeat 2`: the modes in the given order each round), and the HF+PEFT peer under ZeRO-3. Each
+    DeepSpeed row gets its ratio to the row without DeepSpeed of the same round, and the summary lists
+    both rounds' ratios."""
     out = tmp_path / "zero.md"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "bench_zero.py"), "--cpu", "--modes",
-                           "none,zero3,zero3@stage3_param_persistence_threshold=0", "--peers", "zero3",
-                           "--warmup", "1", "--steps", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {f"{r['kind']} {r['mode']}": r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
-    assert set(rows) == {"distsft none", "distsft zero3", "distsft zero3@stage3_param_persistence_threshold=0",
-                         "HF+PEFT zero3"}
-    for name, row in rows.items():
-        assert row["rc"] == 0 and row["tokens_per_s"] > 0, (name, row)
-    for name in ("distsft zero3", "distsft zero3@stage3_param_persistence_threshold=0"):
-        assert rows[name]["ran_as"] == "deepspeed" and rows[name]["zero_stage"] == 3
-        assert "lora 14/14" in rows[name]["census"], rows[name]["census"]  # the fused projections ran
-        assert set(rows[name]["losses"]) == {1, 2} or set(rows[name]["losses"]) == {"1", "2"}
-    text = out.read_text()
-    assert "| distsft zero3 |" in text and "Provenance:" in text and "HF+PEFT zero3" in text
-
-
-def test_bench_zero_repeats_rounds_and_summarises_against_the_partner(tmp_path):
-    """`--repeat 2`: every trainer mode runs twice, in the given order each round; each DeepSpeed row gets
-    its ratio to the partner without DeepSpeed of the same round, and the summary lists both rounds'."""
-    out = tmp_path / "zero.md"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "bench_zero.py"), "--cpu", "--modes", "none,zero3",
-                           "--peers", "", "--repeat", "2", "--warmup", "1", "--steps", "1",
+    z3 = "zero3@stage3_param_persistence_threshold=0"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "bench_zero.py"), "--cpu", "--modes", f"none,{z3}",
+                           "--peers", "zero3", "--repeat", "2", "--warmup", "1", "--steps", "1",
                            "--workdir", str(tmp_path / "work"), "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [(r["mode"], r["round"]) for r in rows] == [("none", 1), ("zero3", 1), ("none", 2), ("zero3", 2)]
+    assert [(r["kind"], r["mode"], r.get("round")) for r in rows] == [
+        ("distsft", "none", 1), ("distsft", z3, 1), ("distsft", "none", 2), ("distsft", z3, 2),
+        ("HF+PEFT", "zero3", None)]
+    for row in rows:
+        assert row["rc"] == 0 and row["tokens_per_s"] > 0, row
+    for row in (rows[1], rows[3]):
+        assert row["ran_as"] == "deepspeed" and row["zero_stage"] == 3
+        assert "lora 14/14" in row["census"], row["census"]  # the fused projections ran
+        assert set(row["losses"]) == {1, 2} or set(row["losses"]) == {"1", "2"}
     ratios = [z["tokens_per_s"] / n["tokens_per_s"] for n, z in (rows[0:2], rows[2:4])]
     text = out.read_text()
-    assert "| distsft zero3 (round 2) |" in text and "Over 2 rounds" in text
-    line = next(x for x in text.splitlines() if x.startswith("| zero3 | 2 |"))
+    assert f"| distsft {z3} (round 2) |" in text and "Provenance:" in text and "HF+PEFT zero3" in text
+    line = next(x for x in text.splitlines() if x.startswith(f"| {z3} | 2 |"))
     assert " / ".join(f"{x:.1%}" for x in ratios) in line, (line, ratios)
-    assert (tmp_path / "work" / "runs" / "zero3_r1").is_dir() and (tmp_path / "work" / "runs" / "zero3_r2").is_dir()
+    runs = tmp_path / "work" / "runs"
+    assert (runs / "zero3_stage3_param_persistence_threshold-0_r1").is_dir()
+    assert (runs / "zero3_stage3_param_persistence_threshold-0_r2").is_dir()
