@@ -36,6 +36,31 @@ def _plain_tensors():
     return torch._C.DisableTorchFunctionSubclass()
 
 
+def _release(params) -> None:
+    """Free the gathered copies of `params` (each AVAILABLE, with its shard in `ds_tensor` and no secondary
+    partition or NVMe copy: what `_needs_deepspeeds_gathering` rules out), as DeepSpeed's `partition` does
+    for a parameter that was only read (`_partition_param` -> `free_param`): the memory kept from reuse
+    until the compute stream is done with it, the data set to an empty tensor, the status NOT_AVAILABLE.
+    DeepSpeed's path also formats two debug messages and two memory-report labels per parameter (each
+    with the parameter's shape) that nothing prints, and brackets each free in NVTX ranges; a decoder
+    layer is released twice a step and its base weights are 4-bit `Params4bit` tensors, whose attribute
+    reads run Python (`_plain_tensors`). A parameter still marked in use by a module is refused, as there."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    accelerator = get_accelerator()
+    stream = None if accelerator.is_synchronized_device() else accelerator.current_stream()
+    with _plain_tensors():
+        for p in params:
+            if p.ds_active_sub_modules:
+                raise RuntimeError(f"cannot release {p.ds_summary()}: still in use by a module")
+            data = p.data
+            if stream is not None and accelerator.on_accelerator(data):
+                data.record_stream(stream)  # not reused before the queued kernels that read it have run
+            p.data = torch.empty(0, dtype=data.dtype, device=data.device)
+            p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+
+
 def walk_once(module: torch.nn.Module, method: str) -> None:
     """Give this module instance a `named_parameters` or `named_modules` (`method`) that walks its tree once
     per set of arguments and then returns the same list; a call with a caller's own `memo` walks as usual.
@@ -113,13 +138,14 @@ def _fused_grad_norm(optimizer) -> bool:
     return True
 
 
-def _bulk_release_at_step(offload) -> bool:
+def _bulk_release_at_step(offload, plain: bool) -> bool:
     """At every optimizer step DeepSpeed releases every parameter of the model (`partition_all_parameters`):
     one `partition` call per parameter through a torch.compile-disabled wrapper. After a LoRA backward the
     parameters still held are the persistent ones (the adapter and the norms, ~500 for an 8B model), which
-    its `_post_step` gathers again right after the update. Release the same parameters in one `partition`
-    call over the list, with the same checks before (in-flight gathers awaited, active-module marks
-    cleared) and after (every parameter partitioned). Returns whether the instance was given it."""
+    its `_post_step` gathers again right after the update. Release the same parameters together (`_release`
+    where `plain`, i.e. not `_needs_deepspeeds_gathering`; else one `partition` call over the list), with the
+    same checks before (in-flight gathers awaited, active-module marks cleared) and after (every parameter
+    partitioned). Returns whether the instance was given it."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
 
@@ -141,7 +167,10 @@ def _bulk_release_at_step(offload) -> bool:
                 available.append(param)
         if available:
             with torch.no_grad(), _plain_tensors():
-                available[0].partition(param_list=available)
+                if plain and all(p.ds_tensor is not None for p in available):
+                    _release(available)
+                else:
+                    available[0].partition(param_list=available)
             setattr(coordinator, prefix + "n_available_params",
                     getattr(coordinator, prefix + "n_available_params") - sum(p.ds_numel for p in available))
         for param in params:
@@ -541,8 +570,7 @@ class LayerGather:
         self._wait(i)  # a prefetch never used (a forward that stopped early) is finished before it is freed
         held = [p for p in self.releasable[i] if p.ds_status == self.status.AVAILABLE]
         if held:
-            with _plain_tensors():
-                held[0].partition(param_list=held)
+            _release(held)  # LayerGather runs only where `_release` applies (`_gather_layers_ourselves`)
 
     def backward_edge(self, i: int, before: bool) -> None:
         if before:  # layer i's output gradient: its backward is next; start on the layer before it
@@ -682,7 +710,9 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         "each layer's gradients moved into the reduce bucket together": lambda: _batched_gradient_bucket(optimizer),
         "gradient buckets reduce-scattered with one split per gradient": lambda: _coalesced_reduce_scatter(optimizer),
         "reduced gradient partitions copied in one foreach call": lambda: _batched_grad_partitions(optimizer),
-        "parameters released in one call at the step": lambda: offload is not None and _bulk_release_at_step(offload),
+        "parameters released in one call at the step":
+            lambda: offload is not None and _bulk_release_at_step(
+                offload, plain=not _needs_deepspeeds_gathering(engine, offload)),
         "persistent parameters gathered in one call after the step":
             lambda: _coalesced_persistent_gather(engine, offload),
         "non-finite gradients skipped on the device, without waiting for the norm":

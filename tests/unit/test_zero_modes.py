@@ -251,3 +251,76 @@ def test_coalesced_reduce_scatter_equals_deepspeeds(tmp_path, world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert [t.shape for t in got["ours"]] == [t.shape for t in got["theirs"]], rank
         assert all(torch.equal(a, b) for a, b in zip(got["ours"], got["theirs"], strict=True)), rank
+
+
+class _Weights(torch.nn.Module):
+    def __init__(self, tensors):
+        super().__init__()
+        for i, w in enumerate(tensors):
+            self.register_parameter(f"p{i}", torch.nn.Parameter(w.clone(), requires_grad=i != 1))
+
+
+def _release_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # read by zero.Init
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from distsft.zero3_host import _release
+
+    dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"file://{init_file}",
+                          rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same whole weights on every rank
+    whole = [torch.randn(5, 7), torch.randn(3), torch.randn(4, 4)]  # 35 and 3 elements: padded shards
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        module = _Weights(whole)
+    params = list(module.parameters())
+
+    def shard(p):  # this rank's part of the weight (the padding after the last element is never written)
+        return p.ds_tensor[:max(0, min(p.ds_tensor.numel(), p.ds_numel - rank * p.ds_tensor.numel()))].clone()
+
+    shards = [shard(p) for p in params]
+    results = {}
+    for name in ("theirs", "ours"):
+        params[0].all_gather_coalesced(params).wait()
+        gathered = [p.data.clone() for p in params]
+        if name == "ours":
+            _release(params)
+        else:
+            params[0].partition(param_list=params)
+        results[name] = {"gathered": gathered, "status": [p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params],
+                         "data": [(tuple(p.data.shape), p.data.dtype) for p in params],
+                         "shards": [torch.equal(shard(p), s) for p, s in zip(params, shards, strict=True)]}
+    params[0].all_gather_coalesced(params).wait()  # gathered again after ours: the same whole values
+    results["again"] = [p.data.clone() for p in params]
+    params[2].ds_active_sub_modules.add(123)  # still in use by a module: refused, as DeepSpeed refuses
+    try:
+        _release(params[2:])
+        results["refused"] = False
+    except RuntimeError:
+        results["refused"] = True
+    torch.save({"whole": whole, **results}, f"{out_dir}/release{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_layer_release_frees_what_deepspeeds_partition_frees(tmp_path):
+    """`zero3_host._release` (the layer releases and the step's bulk release) leaves a gathered parameter as
+    DeepSpeed's `partition` leaves it: NOT_AVAILABLE, an empty tensor of its dtype, its own shard untouched,
+    and gathered again to the same whole values; one still marked in use by a module is refused (two gloo
+    ranks, shards padded)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_release_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"release{rank}.pt")
+        for name in ("theirs", "ours"):
+            r = got[name]
+            assert all(torch.equal(a, b) for a, b in zip(r["gathered"], got["whole"], strict=True)), (rank, name)
+            assert r["status"] == [True] * 3 and all(r["shards"]), (rank, name, r)
+            assert r["data"] == [((0,), torch.float32)] * 3, (rank, name, r["data"])
+        assert all(torch.equal(a, b) for a, b in zip(got["again"], got["whole"], strict=True)), rank
+        assert got["refused"], rank
