@@ -37,10 +37,22 @@ if os.environ.get("DISTSFT_ZERO3_SPLIT") == "1":
         "deepspeed.runtime.zero.parameter_offload": {"ZeROOrderedDict": ["__getitem__"], "DeepSpeedZeRoOffload": [
             "pre_sub_module_forward_function", "post_sub_module_forward_function",
             "pre_sub_module_backward_function", "post_sub_module_backward_function"]},
+        "deepspeed.runtime.zero.partition_parameters": {"NoGatherCoalescedHandle": ["__init__", "wait"],
+                                                        "NoGatherHandle": ["__init__", "wait"]},
+        "distsft.zero3_host": {"LayerGather": ["pre_forward", "post_forward", "backward_edge", "fetch", "release",
+                                               "_start", "_wait"]},
+        "distsft.qlora": {"Dequantized4bit": ["__call__"]},
+        "distsft.recompute": {"_LayerCheckpoint": ["_fetch"]},
+    }
+    _FUNCTIONS = {  # module -> module-level functions (looked up as globals by their callers)
+        "deepspeed.runtime.zero.partition_parameters": ["free_param"],
+        "distsft.qlora": ["dequantize_4bit"],
     }
 
     def _wrap(cls, name: str, label: str) -> None:
-        fn = cls.__dict__.get(name)
+        fn = cls.__dict__.get(name) if isinstance(cls, type) else None
+        if fn is None:  # a module's function, or a method a class inherits (torch.Tensor's from C)
+            fn = getattr(cls, name, None)
         if fn is None or not callable(fn):
             return
 
@@ -61,7 +73,7 @@ if os.environ.get("DISTSFT_ZERO3_SPLIT") == "1":
 
     class _Finder:  # wraps each target module's classes right after the module runs
         def find_spec(self, fullname, path=None, target=None):
-            if fullname not in _TARGETS:
+            if fullname not in _TARGETS and fullname not in _FUNCTIONS:
                 return None
             spec = importlib.machinery.PathFinder.find_spec(fullname, path)
             if spec is None or spec.loader is None:
@@ -70,15 +82,35 @@ if os.environ.get("DISTSFT_ZERO3_SPLIT") == "1":
 
             def exec_module(module):
                 run(module)
-                for cls_name, methods in _TARGETS[fullname].items():
+                for cls_name, methods in _TARGETS.get(fullname, {}).items():
                     cls = getattr(module, cls_name, None)
                     for m in methods if cls is not None else ():
                         _wrap(cls, m, f"{cls_name}.{m}")
+                for name in _FUNCTIONS.get(fullname, ()):
+                    _wrap(module, name, f"{fullname.rsplit('.', 1)[-1]}.{name}")
 
             spec.loader.exec_module = exec_module
             return spec
 
     sys.meta_path.insert(0, _Finder())
+
+    def _wrap_torch() -> None:  # CUDA stream synchronisations and record_stream, wherever they come from
+        import torch
+
+        _wrap(torch.Tensor, "record_stream", "torch.Tensor.record_stream")
+        if torch.cuda.is_available():
+            _wrap(torch.cuda.Stream, "synchronize", "torch.cuda.Stream.synchronize")
+            _wrap(torch.cuda.Event, "synchronize", "torch.cuda.Event.synchronize")
+
+    if os.environ.get("DISTSFT_ZERO3_SPLIT_TORCH") == "1":
+        class _TorchFinder:
+            def find_spec(self, fullname, path=None, target=None):
+                if fullname != "distsft.zero3_host":
+                    return None
+                _wrap_torch()  # torch is imported by then
+                return None
+
+        sys.meta_path.insert(0, _TorchFinder())
 
     @atexit.register
     def _report() -> None:
