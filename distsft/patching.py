@@ -111,10 +111,16 @@ def _rms_norm_forward(self, hidden_states):
     offset = 1.0 if spec.casting == "gemma" else 0.0
     triton = census.use_triton(spec.backend, hidden_states)
     census.note_backend("rms_norm", spec, triton, hidden_states)
+    # Its own weight, from the parameter dict: under ZeRO-3 `self.weight` goes through DeepSpeed's gathering
+    # getter on every call, and the module's weight is already whole when its forward runs (a norm is
+    # persistent, or gathered by DeepSpeed's pre-forward hook, or with its decoder layer).
+    weight = dict.get(self._parameters, "weight")
+    if weight is None:  # not a registered parameter of this module
+        weight = self.weight
     if triton:
-        return K.rms_norm(hidden_states, self.weight, eps, offset=offset, casting=spec.casting,
+        return K.rms_norm(hidden_states, weight, eps, offset=offset, casting=spec.casting,
                           spare_cols=spec.spare_cols)
-    return rms_norm_ref(hidden_states, self.weight, eps, offset=offset, casting=spec.casting)
+    return rms_norm_ref(hidden_states, weight, eps, offset=offset, casting=spec.casting)
 
 
 def _mlp_forward(self, x):
