@@ -4,7 +4,7 @@ At one GPU a ZeRO-3 step of a LoRA run is bound by DeepSpeed's Python rather tha
 it fetches and releases parameters, per trainable tensor it moves a gradient, copies its reduced
 partition and takes a norm, per parameter it releases at the step and gathers the persistent ones again
 after it, and its step waits on the host for the gradient norm before it queues the update.
-`speed_up_zero3` replaces ten of those pieces, on the prepared engine's instances (and
+`speed_up_zero3` replaces ten of those pieces (twelve at one rank), on the prepared engine's instances (and
 DeepSpeed's debug-print helper), by code that does the same with less host work; each checks that the
 DeepSpeed internals it replaces look as expected and otherwise leaves DeepSpeed's code in place. The
 largest is `LayerGather`: the decoder layers gathered and released on a fixed schedule by two hooks
@@ -158,12 +158,13 @@ def _bulk_release_at_step(offload, plain: bool) -> bool:
         coordinator = offload.get_param_coordinator()
         inflight = getattr(coordinator, prefix + "inflight_param_registry")
         params = list(iter_params(offload.module, recurse=True))
+        kept = getattr(offload, "_distsft_kept_whole", frozenset())  # ids of what LayerGather keeps gathered
         available = []
         for param in params:
             if param in inflight:
                 inflight.pop(param).wait()
             param.ds_active_sub_modules.clear()
-            if param.ds_status == ZeroParamStatus.AVAILABLE:
+            if param.ds_status == ZeroParamStatus.AVAILABLE and id(param) not in kept:
                 available.append(param)
         if available:
             with torch.no_grad(), _plain_tensors():
@@ -174,7 +175,7 @@ def _bulk_release_at_step(offload, plain: bool) -> bool:
             setattr(coordinator, prefix + "n_available_params",
                     getattr(coordinator, prefix + "n_available_params") - sum(p.ds_numel for p in available))
         for param in params:
-            if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+            if param.ds_status != ZeroParamStatus.NOT_AVAILABLE and id(param) not in kept:
                 raise RuntimeError(f"{param.ds_summary()} expected to be released")
 
     offload.partition_all_parameters = partition_all_parameters
@@ -204,6 +205,8 @@ def _batched_gradient_bucket(optimizer) -> bool:
     hook_done = optimizer.update_hook_state_and_maybe_run_epilogue
     epilogue = optimizer.independent_gradient_partition_epilogue
     accelerator, pending = get_accelerator(), []
+    straight = _one_rank_partitions(optimizer)
+    optimizer._distsft_one_rank_gradients = straight is not None  # for the fast-path list in the log
 
     def add_to_bucket(params, dtype, group) -> None:  # all fit in the bucket's free space
         bucket = optimizer.ipg_buckets[dtype]
@@ -240,6 +243,8 @@ def _batched_gradient_bucket(optimizer) -> bool:
             return
         with torch.no_grad():
             bucket = optimizer.ipg_buckets[dtype]
+            if straight is not None and not bucket.params and straight(params, dtype, group):
+                return
             if bucket.params and bucket.process_group != group:
                 flush_bucket(dtype)
             start = 0
@@ -269,6 +274,56 @@ def _batched_gradient_bucket(optimizer) -> bool:
     optimizer.update_hook_state_and_maybe_run_epilogue = update_hook_state_and_maybe_run_epilogue
     optimizer.independent_gradient_partition_epilogue = independent_gradient_partition_epilogue
     return True
+
+
+def _one_rank_partitions(optimizer):
+    """Where a partition group has one rank (ZeRO-3 on one GPU), reducing a gradient bucket is the identity:
+    DeepSpeed still copies each gradient into the bucket on its reduce stream (a stream hand-over and
+    `record_stream` per gradient), lays the bucket out for a reduce-scatter of one rank (a second copy, a
+    division by one, the collective call) and copies each result into the gradient's slot of the flat fp32
+    buffer the optimizer steps on (a third copy, a `narrow` and a `record_stream` per gradient): ~20 host
+    tensor operations per trainable tensor on the backward thread, 448 tensors a step for an 8B adapter.
+    Returns a function that copies (or, while accumulating, adds) a layer's gradients straight into their
+    slots in one foreach call on the compute stream, as `partition_grads` would have left them, or None
+    where this does not apply: several ranks, the optimizer offloaded, swapped or ZenFlow, qgZ's all-to-all.
+    The first step's census counts the tensors it moved (`zero3_gradients`: one_rank). It returns False
+    (the bucket path then runs) for gradients whose communication dtype is not theirs, whose partition is
+    padded, that DeepSpeed averages over more ranks than their partition group's (expert parallelism), or
+    with gradient post-scaling by a pre-divide factor other than 1."""
+    import deepspeed.comm as dist
+
+    slots = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+    needed = ("dp_process_group", "micro_step_id", "_offload_boundary_param_ids", "gradient_accumulation_dtype",
+              "offload_optimizer", "postscale_gradients", "gradient_predivide_factor", "partition_count")
+    if slots is None or not all(hasattr(optimizer, a) for a in needed) or optimizer.offload_optimizer \
+            or getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "zenflow", False) \
+            or getattr(optimizer, "all2all_process_group", None) is not None \
+            or dist.get_world_size(group=optimizer.dp_process_group) != 1:
+        return None
+
+    averaging = getattr(optimizer, "_gradient_averaging_world_size", lambda params, world: world)
+
+    def straight(params, dtype, group) -> bool:
+        if dist.get_world_size(group=group) != 1 or averaging(params, 1) != 1 \
+                or (optimizer.postscale_gradients and optimizer.gradient_predivide_factor != 1.0) \
+                or any(p.grad.dtype != dtype or not p.grad.is_contiguous() or p.partition_numel() != p.ds_numel
+                       or p.ds_id not in slots for p in params):
+            return False
+        buffers = [slots[p.ds_id].narrow(0, 0, p.ds_numel) for p in params]
+        grads = [p.grad.view(-1) for p in params]
+        if optimizer.micro_step_id == 0:
+            torch._foreach_copy_(buffers, grads)
+        else:
+            torch._foreach_add_(buffers, [g.to(optimizer.gradient_accumulation_dtype) for g in grads])
+        for p in params:
+            optimizer._offload_boundary_param_ids.add(p.ds_id)
+            p.grad = None
+        if census.ACTIVE is not None:  # the first step's census: what ran, per trainable tensor
+            for p in params:
+                census.note("zero3_gradients", "one_rank", str(p.ds_id))
+        return True
+
+    return straight
 
 
 def _coalesced_reduce_scatter(optimizer) -> bool:
@@ -523,7 +578,7 @@ class LayerGather:
     norm, head) stay with DeepSpeed's coordinator. The kernel census of the first step
     counts the layers gathered this way (`zero3_layer_gather`: forward, backward)."""
 
-    def __init__(self, layers, stream):
+    def __init__(self, layers, stream, keep_whole: bool = False):
         from deepspeed.accelerator import get_accelerator
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -531,8 +586,13 @@ class LayerGather:
         self.accelerator = get_accelerator()
         self.params = [list(layer.parameters()) for layer in self.layers]  # gathered when partitioned
         self.releasable = [[p for p in params if not p.ds_persist] for params in self.params]
+        self.keep_whole = keep_whole  # see `_keeps_layers_whole`: gathered once, then never released here
         self.inflight: dict[int, object] = {}
         self.waiting_grads = [0] * len(self.layers)
+
+    def kept_whole(self) -> list:
+        """The parameters this schedule never releases (none unless `keep_whole`)."""
+        return [p for params in self.releasable for p in params] if self.keep_whole else []
 
     def _start(self, i: int) -> None:
         """Start gathering layer i (returns at once; `_wait` finishes it)."""
@@ -568,6 +628,8 @@ class LayerGather:
 
     def release(self, i: int) -> None:
         self._wait(i)  # a prefetch never used (a forward that stopped early) is finished before it is freed
+        if self.keep_whole:
+            return
         held = [p for p in self.releasable[i] if p.ds_status == self.status.AVAILABLE]
         if held:
             _release(held)  # LayerGather runs only where `_release` applies (`_gather_layers_ourselves`)
@@ -633,6 +695,26 @@ def _needs_deepspeeds_gathering(engine, offload) -> bool:
                 or str(getattr(offload, "offload_device", None)).endswith("nvme"))
 
 
+def _keeps_layers_whole(layers) -> bool:
+    """Whether the decoder layers' partitioned parameters can stay gathered between uses: where each one's
+    partition group has one rank and its partition (`ds_tensor`) is on the accelerator (no parameter
+    offload), DeepSpeed's gather (`NoGatherHandle`) makes the parameter a view of that partition and its
+    release frees no memory, so gathering and releasing every layer twice a step is host work and nothing
+    else (7 tensors per layer of status changes, `.data` swaps, `record_stream` and a stream
+    synchronisation). Such parameters are gathered at their layer's first use and then left whole; the
+    optimizer step does not release them either (`_bulk_release_at_step`). Anything that partitions them
+    on its own (DeepSpeed's `GatheredParameters`, its full release where the bulk one is not installed)
+    only means the next use gathers them again."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    params = [p for layer in layers for p in layer.parameters() if not p.ds_persist]
+    return bool(params) and all(
+        dist.get_world_size(group=p.ds_process_group) == 1 and p.ds_tensor is not None
+        and accelerator.on_accelerator(p.ds_tensor) and p.ds_tensor.numel() == p.ds_numel for p in params)
+
+
 def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
     """Replace DeepSpeed's four hooks on every leaf decoder layer by a `LayerGather`'s two. Only when every
     leaf layer carries exactly DeepSpeed's four hooks from `offload` (else DeepSpeed's stay: returns None)."""
@@ -651,7 +733,8 @@ def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
     if len(handles) != 4 * len(layers) or any(len(layer._forward_pre_hooks) + len(layer._forward_hooks) < 4
                                              for layer in layers):
         return None
-    gather = LayerGather(layers, getattr(offload, "_DeepSpeedZeRoOffload__allgather_stream", None))
+    gather = LayerGather(layers, getattr(offload, "_DeepSpeedZeRoOffload__allgather_stream", None),
+                         keep_whole=_keeps_layers_whole(layers))
     for handle in handles:
         handle.remove()
     removed = {id(h) for h in handles}
@@ -673,8 +756,12 @@ def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
     return gather
 
 
+ONE_RANK_GRADIENTS = "at one rank, each layer's gradients copied straight into their partitions"
+ONE_RANK_LAYERS = "at one rank, the decoder layers gathered once and kept whole"
+
+
 def speed_up_zero3(engine, enabled: bool) -> list[str]:
-    """After `prepare` under ZeRO-3: replace ten of DeepSpeed's per-step host costs by equivalents
+    """After `prepare` under ZeRO-3: replace ten of DeepSpeed's per-step host costs (twelve at one rank) by equivalents
     (`distributed.zero3_fast_paths`; what they save on one H100 is in launch/results/zero_h100.md).
     At one GPU and an 8B adapter the step is bound by DeepSpeed's Python, not by the GPU, so host work
     per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log; warns naming
@@ -694,6 +781,7 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         gather = _gather_layers_ourselves(engine, offload)
         if gather is None:
             return False
+        offload._distsft_kept_whole = frozenset(id(p) for p in gather.kept_whole())  # the bulk release skips them
         release_every = offload.partition_all_parameters  # DeepSpeed's, or the bulk one below: either way,
 
         def partition_all_parameters():  # what our schedule still holds is finished and freed first
@@ -709,6 +797,7 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         "gradient norm in one foreach launch": lambda: _fused_grad_norm(optimizer),
         "each layer's gradients moved into the reduce bucket together": lambda: _batched_gradient_bucket(optimizer),
         "gradient buckets reduce-scattered with one split per gradient": lambda: _coalesced_reduce_scatter(optimizer),
+        ONE_RANK_GRADIENTS: lambda: getattr(optimizer, "_distsft_one_rank_gradients", False),
         "reduced gradient partitions copied in one foreach call": lambda: _batched_grad_partitions(optimizer),
         "parameters released in one call at the step":
             lambda: offload is not None and _bulk_release_at_step(
@@ -718,9 +807,11 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         "non-finite gradients skipped on the device, without waiting for the norm":
             lambda: _step_skipped_on_device(optimizer),
         "decoder layers gathered on a fixed schedule": gather_layers,
+        ONE_RANK_LAYERS: lambda: bool(getattr(offload, "_distsft_kept_whole", None)),
     }
     done = [name for name, install in candidates.items() if install()]
-    if missing := [name for name in candidates if name not in done]:
+    if missing := [name for name in candidates if name not in done and not (
+            name in (ONE_RANK_GRADIENTS, ONE_RANK_LAYERS) and getattr(optimizer, "partition_count", 1) != 1)]:
         logger.warning("ZeRO-3 host fast paths not installed, DeepSpeed's own code runs instead (its internals "
                        "are not what they replace, or the configuration needs DeepSpeed's path): %s",
                        "; ".join(missing))

@@ -192,6 +192,9 @@ def census_line(event: dict | None) -> str:
     gathered = ran.get("zero3_layer_gather")
     if gathered:
         parts.append("ZeRO-3 layers gathered by distsft " + "/".join(f"{v} {k}" for k, v in sorted(gathered.items())))
+    straight = ran.get("zero3_gradients", {}).get("one_rank")
+    if straight:
+        parts.append(f"{straight} gradients straight to their partitions")
     return ", ".join(parts)
 
 

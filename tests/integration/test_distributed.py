@@ -225,32 +225,40 @@ def test_zero3_per_module_gathering_falls_back_by_name(runner, full_runs):
     assert_same_curve(full_runs["single"], run, steps=(1, 2, 3, 4))
 
 
-def test_zero3_fast_paths_change_only_host_work(runner):
+@pytest.mark.parametrize("world", [2, 1])
+def test_zero3_fast_paths_change_only_host_work(runner, world):
     """`distributed.zero3_fast_paths` (on by default) replaces ten pieces of DeepSpeed's per-step host code
     (module list, debug prints, gradient bucket, its reduce-scatter, gradient partitions, gradient norm,
     release at the step, the gather after it, the step's check of the norm, the gathering of the decoder
-    layers): the log names
+    layers), and at one rank two more (gradients copied straight into their partitions: the
+    reduce-scatter of one rank is the identity; the layers gathered once and kept whole: a gather at one
+    rank is a view of the partition, its release frees nothing): the log names
     each one installed, the census of the first step counts every decoder layer gathered by distsft's
     schedule for its forward and its backward (and none with DeepSpeed's own code), and the run equals
     DeepSpeed's own code (`false`) in losses and gradient norms, step by step, and in the adapter it
     exports. Both runs use the fused AdamW (the on-device skip needs it) and make step 2's gradients
-    non-finite on rank 1: both skip that step, on every rank, and go on from the same weights."""
+    non-finite on the last rank: both skip that step, on every rank, and go on from the same weights."""
     from safetensors.torch import load_file
 
-    nan = {"env": {"DISTSFT_TEST_FAULT": "nan_loss@1@1"}, "train.optim": "adamw_torch_fused"}
-    fast = runner.run("zero3_fast", 2, "zero3", **nan)
-    plain = runner.run("zero3_dsonly", 2, "zero3", **nan, **{"distributed.zero3_fast_paths": "false"})
+    nan = {"env": {"DISTSFT_TEST_FAULT": f"nan_loss@1@{world - 1}"}, "train.optim": "adamw_torch_fused"}
+    fast = runner.run(f"zero3_fast_{world}", world, "zero3", **nan)
+    plain = runner.run(f"zero3_dsonly_{world}", world, "zero3", **nan, **{"distributed.zero3_fast_paths": "false"})
     line = next(x for x in fast.proc.stderr.splitlines() if "ZeRO-3 host fast paths:" in x)
+    one_rank = ["at one rank, each layer's gradients copied straight into their partitions"] if world == 1 else []
+    one_rank_layers = ["at one rank, the decoder layers gathered once and kept whole"] if world == 1 else []
+    assert "fast paths not installed" not in fast.proc.stderr
     assert line.split("ZeRO-3 host fast paths: ")[1].split("; ") == [
         "the module tree listed once", "debug prints checked before the rank lookup",
         "gradient norm in one foreach launch", "each layer's gradients moved into the reduce bucket together",
-        "gradient buckets reduce-scattered with one split per gradient",
+        "gradient buckets reduce-scattered with one split per gradient", *one_rank,
         "reduced gradient partitions copied in one foreach call", "parameters released in one call at the step",
         "persistent parameters gathered in one call after the step",
         "non-finite gradients skipped on the device, without waiting for the norm",
-        "decoder layers gathered on a fixed schedule"], line
+        "decoder layers gathered on a fixed schedule", *one_rank_layers], line
     assert "ZeRO-3 host fast paths: off (distributed.zero3_fast_paths=false)" in plain.proc.stderr
     assert census(fast)["ran"]["zero3_layer_gather"] == {"forward": 2, "backward": 2}, census(fast)
+    straight = census(fast)["ran"].get("zero3_gradients")
+    assert straight == ({"one_rank": 28} if world == 1 else None), census(fast)  # 2 layers x 7 x (A, B)
     assert "zero3_layer_gather" not in census(plain)["ran"], census(plain)
     for run in (fast, plain):
         assert run.series("train/skipped_steps") == {1: 0, 2: 1, 3: 1, 4: 1}, run.out
