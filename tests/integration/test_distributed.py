@@ -315,6 +315,7 @@ def test_zero12_auto_runs_a_lora_job_as_ddp(runner, full_runs):
         ("ddp2", 3, "ddp"),  # 2 -> 3
         ("zero3_2", 3, "zero2"),  # ZeRO-3 on 2 -> ZeRO-2 on 3
         ("zero2_2", 1, "single"),  # ZeRO-2 on 2 -> single process
+        ("zero2_2", 1, "zero3"),  # ZeRO-2 on 2 -> ZeRO-3 on one rank (its one-rank paths)
     ],
 )
 def test_resume_on_another_world_size_and_stage(runner, full_runs, source, world, mode):
