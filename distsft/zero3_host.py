@@ -572,11 +572,13 @@ class LayerGather:
     are released; when the gradient of its output arrives the backward gathers it again and starts on
     i - 1; when the gradients of its inputs are computed it is released. The gathering itself is
     DeepSpeed's (`all_gather_coalesced` over the layer's partitioned parameters, one call per layer; a
-    no-op view at one rank), as is the release (`partition`); persistent parameters (the adapter, the
+    no-op view at one rank), the release is `_release` (what DeepSpeed's `partition` does; at one rank,
+    `keep_whole`, none: the layers stay gathered); persistent parameters (the adapter, the
     norms) are gathered when DeepSpeed has partitioned them (at the start, and after its optimizer step
     releases everything) and never released here, as in DeepSpeed. The other modules (embeddings, final
     norm, head) stay with DeepSpeed's coordinator. The kernel census of the first step
-    counts the layers gathered this way (`zero3_layer_gather`: forward, backward)."""
+    counts the layers gathered this way (`zero3_layer_gather`: forward, backward; kept_whole where a
+    release was skipped)."""
 
     def __init__(self, layers, stream, keep_whole: bool = False):
         from deepspeed.accelerator import get_accelerator
@@ -629,6 +631,7 @@ class LayerGather:
     def release(self, i: int) -> None:
         self._wait(i)  # a prefetch never used (a forward that stopped early) is finished before it is freed
         if self.keep_whole:
+            census.note("zero3_layer_gather", "kept_whole", str(i))
             return
         held = [p for p in self.releasable[i] if p.ds_status == self.status.AVAILABLE]
         if held:

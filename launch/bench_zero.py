@@ -189,9 +189,12 @@ def census_line(event: dict | None) -> str:
     if deq:
         parts.append("dequant " + " ".join(f"{k} {v}" for k, v in sorted(deq.items())))
     parts += [k.split(" ")[0] for k in ran.get("loss", {})]
-    gathered = ran.get("zero3_layer_gather")
+    gathered = dict(ran.get("zero3_layer_gather", {}))
+    kept = gathered.pop("kept_whole", 0)
     if gathered:
         parts.append("ZeRO-3 layers gathered by distsft " + "/".join(f"{v} {k}" for k, v in sorted(gathered.items())))
+    if kept:
+        parts.append(f"{kept} layers kept whole (one rank)")
     straight = ran.get("zero3_gradients", {}).get("one_rank")
     if straight:
         parts.append(f"{straight} gradients straight to their partitions")

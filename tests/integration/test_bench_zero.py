@@ -32,6 +32,9 @@ def test_bench_zero_runs_every_kind_of_row_on_cpu(tmp_path):
     for row in (rows[1], rows[3]):
         assert row["ran_as"] == "deepspeed" and row["zero_stage"] == 3
         assert "lora 14/14" in row["census"], row["census"]  # the fused projections ran
+        # one rank: the layers kept whole after their first gather, the gradients straight to their slots
+        assert "2 layers kept whole (one rank)" in row["census"], row["census"]
+        assert "28 gradients straight to their partitions" in row["census"], row["census"]
         assert set(row["losses"]) == {1, 2} or set(row["losses"]) == {"1", "2"}
     ratios = [z["tokens_per_s"] / n["tokens_per_s"] for n, z in (rows[0:2], rows[2:4])]
     text = out.read_text()
