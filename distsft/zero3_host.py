@@ -4,7 +4,7 @@ At one GPU a ZeRO-3 step of a LoRA run is bound by DeepSpeed's Python rather tha
 it fetches and releases parameters, per trainable tensor it moves a gradient, copies its reduced
 partition and takes a norm, per parameter it releases at the step and gathers the persistent ones again
 after it, and its step waits on the host for the gradient norm before it queues the update.
-`speed_up_zero3` replaces ten of those pieces (twelve at one rank), on the prepared engine's instances (and
+`speed_up_zero3` replaces ten of those pieces (thirteen at one rank), on the prepared engine's instances (and
 DeepSpeed's debug-print helper), by code that does the same with less host work; each checks that the
 DeepSpeed internals it replaces look as expected and otherwise leaves DeepSpeed's code in place. The
 largest is `LayerGather`: the decoder layers gathered and released on a fixed schedule by two hooks
@@ -479,10 +479,14 @@ def _coalesced_persistent_gather(engine, offload) -> bool:
                 with accelerator.stream(stream):
                     todo[0].all_gather_coalesced(todo).wait()
                 accelerator.current_stream().wait_stream(stream)
+        for p in getattr(offload, "_distsft_kept_persistent", ()):  # kept whole at one rank (`_one_rank_persistent`)
+            if p.ds_status == ZeroParamStatus.AVAILABLE and p.data.data_ptr() != p.ds_tensor.data_ptr():
+                p.data = p.ds_tensor.data.view(p.ds_shape)  # its partition was moved: a view of the new one
         optimizer.invalidate_secondary_tensor()
         optimizer.timers.log(timer_names)
 
     optimizer._post_step = _post_step
+    optimizer._distsft_post_step = True
     return True
 
 
@@ -698,6 +702,34 @@ def _needs_deepspeeds_gathering(engine, offload) -> bool:
                 or str(getattr(offload, "offload_device", None)).endswith("nvme"))
 
 
+def _whole_at_one_rank(params) -> bool:
+    """Every one of `params` partitioned over one rank, its partition on the accelerator and unpadded: there
+    a gather (`NoGatherHandle`) makes the parameter a view of its partition, and a release frees nothing."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return bool(params) and all(
+        dist.get_world_size(group=p.ds_process_group) == 1 and p.ds_tensor is not None
+        and accelerator.on_accelerator(p.ds_tensor) and p.ds_tensor.numel() == p.ds_numel for p in params)
+
+
+def _one_rank_persistent(engine) -> list:
+    """The persistent parameters (the adapter, the norms: ~500 for an 8B model) to keep whole through the
+    optimizer step at one rank, or none. DeepSpeed releases them at every step and gathers them again right
+    after the update (`_post_step`): at one rank both are host work only, because the gathered parameter
+    is a view of its partition, which the update writes in place. Only with distsft's `_post_step`
+    (`_coalesced_persistent_gather`), which after each step checks that each one is still a view of its
+    partition and makes it one again if DeepSpeed moved the partition, and without an offloaded or swapped
+    optimizer."""
+    optimizer = engine.optimizer
+    if not getattr(optimizer, "_distsft_post_step", False) or optimizer.offload_optimizer \
+            or getattr(optimizer, "swap_optimizer", False):
+        return []
+    params = [p for p in engine.module.parameters() if getattr(p, "ds_persist", False)]
+    return params if _whole_at_one_rank(params) else []
+
+
 def _keeps_layers_whole(layers) -> bool:
     """Whether the decoder layers' partitioned parameters can stay gathered between uses: where each one's
     partition group has one rank and its partition (`ds_tensor`) is on the accelerator (no parameter
@@ -708,14 +740,7 @@ def _keeps_layers_whole(layers) -> bool:
     optimizer step does not release them either (`_bulk_release_at_step`). Anything that partitions them
     on its own (DeepSpeed's `GatheredParameters`, its full release where the bulk one is not installed)
     only means the next use gathers them again."""
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    params = [p for layer in layers for p in layer.parameters() if not p.ds_persist]
-    return bool(params) and all(
-        dist.get_world_size(group=p.ds_process_group) == 1 and p.ds_tensor is not None
-        and accelerator.on_accelerator(p.ds_tensor) and p.ds_tensor.numel() == p.ds_numel for p in params)
+    return _whole_at_one_rank([p for layer in layers for p in layer.parameters() if not p.ds_persist])
 
 
 def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
@@ -761,11 +786,12 @@ def _gather_layers_ourselves(engine, offload) -> LayerGather | None:
 
 ONE_RANK_GRADIENTS = "at one rank, each layer's gradients copied straight into their partitions"
 ONE_RANK_LAYERS = "at one rank, the decoder layers gathered once and kept whole"
+ONE_RANK_PERSISTENT = "at one rank, the persistent parameters kept whole through the optimizer step"
 
 
 def speed_up_zero3(engine, enabled: bool) -> list[str]:
-    """After `prepare` under ZeRO-3: replace ten of DeepSpeed's per-step host costs (twelve at one rank) by equivalents
-    (`distributed.zero3_fast_paths`; what they save on one H100 is in launch/results/zero_h100.md).
+    """After `prepare` under ZeRO-3: replace ten of DeepSpeed's per-step host costs (thirteen at one rank) by
+    equivalents (`distributed.zero3_fast_paths`; what they save on one H100 is in launch/results/zero_h100.md).
     At one GPU and an 8B adapter the step is bound by DeepSpeed's Python, not by the GPU, so host work
     per parameter is what ZeRO-3 costs. Returns the names of what was replaced, for the log; warns naming
     any that could not be (DeepSpeed's own code then runs for it)."""
@@ -784,7 +810,10 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
         gather = _gather_layers_ourselves(engine, offload)
         if gather is None:
             return False
-        offload._distsft_kept_whole = frozenset(id(p) for p in gather.kept_whole())  # the bulk release skips them
+        persistent = _one_rank_persistent(engine) if gather.keep_whole else []
+        offload._distsft_kept_persistent = persistent
+        offload._distsft_kept_whole = frozenset(id(p) for p in (*gather.kept_whole(), *persistent))  # the bulk
+        # release at the step skips them
         release_every = offload.partition_all_parameters  # DeepSpeed's, or the bulk one below: either way,
 
         def partition_all_parameters():  # what our schedule still holds is finished and freed first
@@ -811,10 +840,12 @@ def speed_up_zero3(engine, enabled: bool) -> list[str]:
             lambda: _step_skipped_on_device(optimizer),
         "decoder layers gathered on a fixed schedule": gather_layers,
         ONE_RANK_LAYERS: lambda: bool(getattr(offload, "_distsft_kept_whole", None)),
+        ONE_RANK_PERSISTENT: lambda: bool(getattr(offload, "_distsft_kept_persistent", None)),
     }
     done = [name for name, install in candidates.items() if install()]
     if missing := [name for name in candidates if name not in done and not (
-            name in (ONE_RANK_GRADIENTS, ONE_RANK_LAYERS) and getattr(optimizer, "partition_count", 1) != 1)]:
+            name in (ONE_RANK_GRADIENTS, ONE_RANK_LAYERS, ONE_RANK_PERSISTENT)
+            and getattr(optimizer, "partition_count", 1) != 1)]:
         logger.warning("ZeRO-3 host fast paths not installed, DeepSpeed's own code runs instead (its internals "
                        "are not what they replace, or the configuration needs DeepSpeed's path): %s",
                        "; ".join(missing))
