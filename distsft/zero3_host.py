@@ -145,7 +145,8 @@ def _bulk_release_at_step(offload, plain: bool) -> bool:
     its `_post_step` gathers again right after the update. Release the same parameters together (`_release`
     where `plain`, i.e. not `_needs_deepspeeds_gathering`; else one `partition` call over the list), with the
     same checks before (in-flight gathers awaited, active-module marks cleared) and after (every parameter
-    partitioned). Returns whether the instance was given it."""
+    partitioned), except what is kept whole at one rank (`_keeps_layers_whole`, `_one_rank_persistent`).
+    Returns whether the instance was given it."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
 
