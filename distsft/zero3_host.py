@@ -295,7 +295,7 @@ def _one_rank_partitions(optimizer):
 
     slots = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
     needed = ("dp_process_group", "micro_step_id", "_offload_boundary_param_ids", "gradient_accumulation_dtype",
-              "offload_optimizer", "postscale_gradients", "gradient_predivide_factor", "partition_count")
+              "offload_optimizer", "postscale_gradients", "gradient_predivide_factor")
     if slots is None or not all(hasattr(optimizer, a) for a in needed) or optimizer.offload_optimizer \
             or getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "zenflow", False) \
             or getattr(optimizer, "all2all_process_group", None) is not None \
@@ -480,9 +480,7 @@ def _coalesced_persistent_gather(engine, offload) -> bool:
                 with accelerator.stream(stream):
                     todo[0].all_gather_coalesced(todo).wait()
                 accelerator.current_stream().wait_stream(stream)
-        for p in getattr(offload, "_distsft_kept_persistent", ()):  # kept whole at one rank (`_one_rank_persistent`)
-            if p.ds_status == ZeroParamStatus.AVAILABLE and p.data.data_ptr() != p.ds_tensor.data_ptr():
-                p.data = p.ds_tensor.data.view(p.ds_shape)  # its partition was moved: a view of the new one
+        _views_of_partitions(getattr(offload, "_distsft_kept_persistent", ()))  # kept whole at one rank
         optimizer.invalidate_secondary_tensor()
         optimizer.timers.log(timer_names)
 
@@ -713,6 +711,16 @@ def _whole_at_one_rank(params) -> bool:
     return bool(params) and all(
         dist.get_world_size(group=p.ds_process_group) == 1 and p.ds_tensor is not None
         and accelerator.on_accelerator(p.ds_tensor) and p.ds_tensor.numel() == p.ds_numel for p in params)
+
+
+def _views_of_partitions(params) -> None:
+    """Make each gathered (AVAILABLE) one of `params`, kept whole at one rank, a view of its partition again
+    where it no longer is one (DeepSpeed gave it a new `ds_tensor`): the whole parameter at one rank."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for p in params:
+        if p.ds_status == ZeroParamStatus.AVAILABLE and p.data.data_ptr() != p.ds_tensor.data_ptr():
+            p.data = p.ds_tensor.data.view(p.ds_shape)
 
 
 def _one_rank_persistent(engine) -> list:

@@ -337,3 +337,48 @@ def test_layer_release_frees_what_deepspeeds_partition_frees(tmp_path):
             assert r["data"] == [((0,), torch.float32)] * 3, (rank, name, r["data"])
         assert all(torch.equal(a, b) for a, b in zip(got["again"], got["whole"], strict=True)), rank
         assert got["refused"], rank
+
+
+def _one_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # read by zero.Init
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from distsft.zero3_host import _views_of_partitions, _whole_at_one_rank
+
+    dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"file://{init_file}",
+                          rank=0, world_size=1)
+    torch.manual_seed(0)
+    whole = [torch.randn(5, 7), torch.randn(3), torch.randn(4, 4)]
+    with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                  "zero_optimization": {"stage": 3}}):
+        module = _Weights(whole)
+    params = list(module.parameters())
+    params[0].all_gather_coalesced(params).wait()
+    out = {"whole_at_one_rank": _whole_at_one_rank(params),
+           "views": [p.data.data_ptr() == p.ds_tensor.data_ptr() for p in params]}
+    params[0].ds_tensor.data = params[0].ds_tensor.data + 1  # DeepSpeed gave it another partition
+    kept = params[1].data
+    _views_of_partitions(params)
+    out["moved"] = (params[0].data.data_ptr() == params[0].ds_tensor.data_ptr(),
+                    torch.equal(params[0].data, whole[0] + 1), tuple(params[0].data.shape))
+    out["untouched"] = params[1].data is kept or params[1].data.data_ptr() == kept.data_ptr()
+    torch.save(out, f"{out_dir}/one_rank.pt")
+    _leave(dist)
+
+
+def test_one_rank_gather_is_a_view_and_a_moved_partition_is_followed(tmp_path):
+    """What keeping parameters whole at one rank rests on (`_keeps_layers_whole`, `_one_rank_persistent`): a
+    ZeRO-3 gather over one rank makes each parameter a view of its partition; where DeepSpeed gives a
+    parameter another partition, `_views_of_partitions` (after every step) makes it a view of the new one,
+    with its shape, and leaves the others as they are (one gloo process)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_rank_worker, args=(1, str(tmp_path / "pg"), str(tmp_path)), nprocs=1)
+    got = torch.load(tmp_path / "one_rank.pt")
+    assert got["whole_at_one_rank"] and got["views"] == [True] * 3, got
+    assert got["moved"] == (True, True, (5, 7)), got
+    assert got["untouched"], got
