@@ -127,8 +127,10 @@ def _fused_grad_norm(optimizer) -> bool:
         if (float(norm_type) != 2.0 or not gradients or model_parallel
                 or (expert is not None and expert(params) is not None)):
             return original(gradients, params, norm_type)
-        norms = torch._foreach_norm([g.to(optimizer.device, non_blocking=True) for g in gradients], 2.0,
-                                    dtype=get_norm_dtype())  # fp64 where the device has it, as DeepSpeed
+        device = torch.device(optimizer.device)
+        norms = torch._foreach_norm([g if g.device == device else g.to(device, non_blocking=True)
+                                     for g in gradients], 2.0, dtype=get_norm_dtype())  # fp64 where the
+        # device has it, as DeepSpeed
         total = torch.stack(norms).square().sum()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer._get_param_partition_group(params[0]))
         total = total.sqrt()
@@ -303,15 +305,23 @@ def _one_rank_partitions(optimizer):
         return None
 
     averaging = getattr(optimizer, "_gradient_averaging_world_size", lambda params, world: world)
+    shaped: dict[int, tuple] = {}  # ds_id -> (its slot, the slot viewed in the parameter's shape)
+
+    def slot_of(p):
+        slot = slots[p.ds_id]  # looked up every time: DeepSpeed rebuilds the map when it reloads offloaded state
+        cached = shaped.get(p.ds_id)
+        if cached is None or cached[0] is not slot:
+            cached = shaped[p.ds_id] = (slot, slot.narrow(0, 0, p.ds_numel).view(p.ds_shape))
+        return cached[1]
 
     def straight(params, dtype, group) -> bool:
         if dist.get_world_size(group=group) != 1 or averaging(params, 1) != 1 \
                 or (optimizer.postscale_gradients and optimizer.gradient_predivide_factor != 1.0) \
                 or any(p.grad.dtype != dtype or not p.grad.is_contiguous() or p.partition_numel() != p.ds_numel
-                       or p.ds_id not in slots for p in params):
+                       or p.ds_id not in slots or p.grad.shape != p.ds_shape for p in params):
             return False
-        buffers = [slots[p.ds_id].narrow(0, 0, p.ds_numel) for p in params]
-        grads = [p.grad.view(-1) for p in params]
+        buffers = [slot_of(p) for p in params]
+        grads = [p.grad for p in params]
         if optimizer.micro_step_id == 0:
             torch._foreach_copy_(buffers, grads)
         else:
@@ -489,6 +499,33 @@ def _coalesced_persistent_gather(engine, offload) -> bool:
     return True
 
 
+def _views_in_order(flat, tensors) -> bool:
+    """Whether `tensors` are contiguous views of `flat`, one after another from its start: what DeepSpeed's
+    unflatten makes them (`torch._utils._unflatten_dense_tensors`)."""
+    if any(t.dtype != flat.dtype or not t.is_contiguous() for t in tensors):
+        return False
+    address, size = flat.data_ptr(), flat.element_size()
+    for t in tensors:
+        if t.data_ptr() != address:
+            return False
+        address += t.numel() * size
+    return address <= flat.data_ptr() + flat.numel() * size
+
+
+def _reassign_partitions(optimizer, sub_group_id) -> None:
+    """DeepSpeed's `_reassign_or_swap_out_partitioned_parameters`: after the update, the fp32 partitions are
+    copied into the flat low-precision buffer and every parameter's partition (`ds_tensor`) is made a view
+    of it again (448 `.data` swaps a step for an 8B adapter). After the first step they already are those
+    views, so the copy is all that is needed; any that is not (a reload, a swap) gets DeepSpeed's
+    re-pointing, as does a swapped sub-group."""
+    flat = optimizer.fp16_partitioned_groups_flat[sub_group_id]
+    if flat is None:
+        return optimizer._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+    flat.data.copy_(optimizer.fp32_partitioned_groups_flat[sub_group_id].data)
+    if not _views_in_order(flat, optimizer.fp16_partitioned_groups[sub_group_id]):
+        optimizer._unflatten_partitioned_parameters(sub_group_id)
+
+
 def _step_skipped_on_device(optimizer) -> bool:
     """DeepSpeed's ZeRO-3 step asks the host whether the gradient norm is finite (`is_invalid_grad_norm`,
     a non-finite norm skips the update) before it queues any of the update: the host waits there for the
@@ -508,6 +545,8 @@ def _step_skipped_on_device(optimizer) -> bool:
     client = getattr(optimizer, "optimizer", None)
     needed = ("_pre_step", "_partition_all_parameters", "_get_norm_groups", "fp16_groups", "_prepare_sub_group",
               "unscale_and_clip_grads", "_optimizer_step", "_reassign_or_swap_out_partitioned_parameters",
+              "fp16_partitioned_groups_flat", "fp32_partitioned_groups_flat", "fp16_partitioned_groups",
+              "_unflatten_partitioned_parameters",
               "_release_sub_group", "_post_step", "zero_grad", "loss_scale", "timers", "dtype")
     if not isinstance(client, torch.optim.Adam | torch.optim.AdamW) or not client.defaults.get("fused") \
             or not all(hasattr(optimizer, a) for a in needed):
@@ -538,7 +577,7 @@ def _step_skipped_on_device(optimizer) -> bool:
                 optimizer._prepare_sub_group(sub_group_id, timer_names)
                 optimizer.unscale_and_clip_grads(sub_group_id, norm)
                 optimizer._optimizer_step(sub_group_id)
-                optimizer._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+                _reassign_partitions(optimizer, sub_group_id)
                 optimizer._release_sub_group(sub_group_id, timer_names)
         finally:
             del client.found_inf
