@@ -179,6 +179,43 @@ def test_quiet_debug_prints_print_what_deepspeed_printed(capsys, monkeypatch):
     assert calls == [1] and capsys.readouterr().out == "loud\n"
 
 
+def test_reassign_after_the_update_repoints_only_what_is_not_a_view_in_order():
+    """After the update DeepSpeed copies the fp32 partitions into the flat low-precision buffer and makes
+    every partition a view of it again; `_reassign_partitions` copies and re-points (by DeepSpeed's own
+    method) only where a partition is not already that view, in order."""
+    from torch._utils import _unflatten_dense_tensors
+
+    from distsft.zero3_host import _reassign_partitions, _views_in_order
+
+    flat = torch.zeros(10, dtype=torch.bfloat16)
+    parts = [t.clone() for t in _unflatten_dense_tensors(flat, [torch.empty(4), torch.empty(6)])]
+    calls = []
+
+    def unflatten(sub_group_id):
+        calls.append(sub_group_id)
+        for t, view in zip(parts, _unflatten_dense_tensors(flat, parts), strict=True):
+            t.data = view.data
+
+    optimizer = SimpleNamespace(fp16_partitioned_groups_flat=[flat], fp16_partitioned_groups=[parts],
+                                fp32_partitioned_groups_flat=[torch.arange(10, dtype=torch.float32)],
+                                _unflatten_partitioned_parameters=unflatten)
+    assert not _views_in_order(flat, parts)  # copies: re-pointed on the first step
+    _reassign_partitions(optimizer, 0)
+    assert calls == [0] and _views_in_order(flat, parts)
+    assert parts[0].tolist() == [0, 1, 2, 3] and parts[1].tolist() == list(range(4, 10))
+    optimizer.fp32_partitioned_groups_flat[0] += 10  # the next update: views already, only the copy
+    _reassign_partitions(optimizer, 0)
+    assert calls == [0] and parts[1].tolist() == list(range(14, 20))
+    assert not _views_in_order(flat, parts[::-1])  # out of order
+    parts[1].data = parts[1].data.clone()  # one moved (a reload): re-pointed again
+    _reassign_partitions(optimizer, 0)
+    assert calls == [0, 0] and parts[1].tolist() == list(range(14, 20)) and _views_in_order(flat, parts)
+    swapped = SimpleNamespace(fp16_partitioned_groups_flat=[None],
+                              _reassign_or_swap_out_partitioned_parameters=lambda i: calls.append(("swap", i)))
+    _reassign_partitions(swapped, 0)  # no flat buffer (NVMe): DeepSpeed's own method
+    assert calls[-1] == ("swap", 0)
+
+
 def test_zero_plus_plus_and_nvme_keep_deepspeeds_gathering():
     """`LayerGather` and the coalesced persistent gather do the plain coalesced all-gather only: with ZeRO++
     quantized weights (all, or the frozen ones), its secondary partitions (hpZ), or parameters swapped to
