@@ -127,10 +127,9 @@ def _fused_grad_norm(optimizer) -> bool:
         if (float(norm_type) != 2.0 or not gradients or model_parallel
                 or (expert is not None and expert(params) is not None)):
             return original(gradients, params, norm_type)
-        device = torch.device(optimizer.device)
+        device = torch.device(optimizer.device)  # the norms in fp64 where the device has it, as DeepSpeed
         norms = torch._foreach_norm([g if g.device == device else g.to(device, non_blocking=True)
-                                     for g in gradients], 2.0, dtype=get_norm_dtype())  # fp64 where the
-        # device has it, as DeepSpeed
+                                     for g in gradients], 2.0, dtype=get_norm_dtype())
         total = torch.stack(norms).square().sum()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer._get_param_partition_group(params[0]))
         total = total.sqrt()
