@@ -537,8 +537,9 @@ def _step_skipped_on_device(optimizer) -> bool:
     offloaded or swapped optimizer, ZenFlow, Muon or torch autocast's scaler: DeepSpeed's own step runs.
     What differs: a step skipped this way is not counted in the engine's `skipped_steps` (the trainer
     counts it from the norm: `train/skipped_steps`), and DeepSpeed's warning about allocator cache
-    flushes, which reads the allocator's statistics every step, is not given. Returns whether the
-    instance was given this step."""
+    flushes, which reads the allocator's statistics every step, is not given. The copy of the update
+    back to the low-precision partitions is `_reassign_partitions` (DeepSpeed's re-pointing of each
+    partition only where it is needed). Returns whether the instance was given this step."""
     from deepspeed.runtime.utils import combine_grad_norm_groups
 
     client = getattr(optimizer, "optimizer", None)
