@@ -278,6 +278,13 @@ def _batched_gradient_bucket(optimizer) -> bool:
     return True
 
 
+def _grad_slots(optimizer):
+    """ZeRO-3's map from a parameter's `ds_id` to its slot in the flat fp32 gradient buffer the optimizer
+    steps on (None where the instance has none). Read at each use: DeepSpeed replaces the map when it
+    offloads and reloads its state (`offload_states`, `reload_states`)."""
+    return getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+
+
 def _one_rank_partitions(optimizer):
     """Where a partition group has one rank (ZeRO-3 on one GPU), reducing a gradient bucket is the identity:
     DeepSpeed still copies each gradient into the bucket on its reduce stream (a stream hand-over and
@@ -294,7 +301,7 @@ def _one_rank_partitions(optimizer):
     with gradient post-scaling by a pre-divide factor other than 1."""
     import deepspeed.comm as dist
 
-    slots = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+    slots = _grad_slots(optimizer)
     needed = ("dp_process_group", "micro_step_id", "_offload_boundary_param_ids", "gradient_accumulation_dtype",
               "offload_optimizer", "postscale_gradients", "gradient_predivide_factor")
     if slots is None or not all(hasattr(optimizer, a) for a in needed) or optimizer.offload_optimizer \
@@ -306,20 +313,21 @@ def _one_rank_partitions(optimizer):
     averaging = getattr(optimizer, "_gradient_averaging_world_size", lambda params, world: world)
     shaped: dict[int, tuple] = {}  # ds_id -> (its slot, the slot viewed in the parameter's shape)
 
-    def slot_of(p):
-        slot = slots[p.ds_id]  # looked up every time: DeepSpeed rebuilds the map when it reloads offloaded state
+    def slot_of(slots, p):
+        slot = slots[p.ds_id]
         cached = shaped.get(p.ds_id)
         if cached is None or cached[0] is not slot:
             cached = shaped[p.ds_id] = (slot, slot.narrow(0, 0, p.ds_numel).view(p.ds_shape))
         return cached[1]
 
     def straight(params, dtype, group) -> bool:
+        slots = _grad_slots(optimizer)
         if dist.get_world_size(group=group) != 1 or averaging(params, 1) != 1 \
                 or (optimizer.postscale_gradients and optimizer.gradient_predivide_factor != 1.0) \
                 or any(p.grad.dtype != dtype or not p.grad.is_contiguous() or p.partition_numel() != p.ds_numel
                        or p.ds_id not in slots or p.grad.shape != p.ds_shape for p in params):
             return False
-        buffers = [slot_of(p) for p in params]
+        buffers = [slot_of(slots, p) for p in params]
         grads = [p.grad for p in params]
         if optimizer.micro_step_id == 0:
             torch._foreach_copy_(buffers, grads)
@@ -409,7 +417,7 @@ def _batched_grad_partitions(optimizer) -> bool:
     from deepspeed.accelerator import get_accelerator
 
     original = getattr(optimizer, "partition_grads", None)
-    slots = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+    slots = _grad_slots(optimizer)
     needed = ("micro_step_id", "_get_param_partition_rank", "_offload_boundary_param_ids",
               "gradient_accumulation_dtype", "offload_optimizer")
     if original is None or slots is None or not all(hasattr(optimizer, a) for a in needed):
@@ -422,7 +430,7 @@ def _batched_grad_partitions(optimizer) -> bool:
             return original(params, grad_partitions)
         accumulate = optimizer.micro_step_id != 0
         stream = None if accelerator.is_synchronized_device() else accelerator.current_stream()
-        buffers, sources = [], []
+        slots, buffers, sources = _grad_slots(optimizer), [], []
         for param, part in zip(params, grad_partitions, strict=True):
             if param.partition_numel() * optimizer._get_param_partition_rank(param) >= param.ds_numel:
                 param.grad = None  # this rank's partition of it is padding only

@@ -179,6 +179,50 @@ def test_quiet_debug_prints_print_what_deepspeed_printed(capsys, monkeypatch):
     assert calls == [1] and capsys.readouterr().out == "loud\n"
 
 
+def test_one_rank_gradients_go_to_the_current_slots(monkeypatch):
+    """At one rank `_one_rank_partitions` copies a layer's gradients into their slots of the flat fp32
+    buffer (adds them while accumulating), frees them and marks them for the step; it reads DeepSpeed's
+    map of slots at each call, so after the map is replaced (DeepSpeed's `reload_states` builds a new one
+    over a moved buffer) the gradients go to the new slots, and with no slot for a gradient it declines
+    (DeepSpeed's bucket path runs)."""
+    import deepspeed.comm
+
+    from distsft.zero3_host import _one_rank_partitions
+
+    monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda group=None: 1)
+    key = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
+
+    def slots_over(buffer):
+        return {0: buffer.narrow(0, 0, 6), 1: buffer.narrow(0, 6, 4)}
+
+    first = torch.zeros(10)
+    optimizer = SimpleNamespace(**{key: slots_over(first)}, dp_process_group=None, micro_step_id=0,
+                                _offload_boundary_param_ids=set(), gradient_accumulation_dtype=torch.float32,
+                                offload_optimizer=False, postscale_gradients=False, gradient_predivide_factor=1.0)
+    shapes = [(2, 3), (4,)]
+    params = [SimpleNamespace(ds_id=i, ds_numel=6 if i == 0 else 4, ds_shape=torch.Size(shape), grad=None,
+                              partition_numel=lambda i=i: 6 if i == 0 else 4) for i, shape in enumerate(shapes)]
+    straight = _one_rank_partitions(optimizer)
+
+    def backward(values):
+        grads = [torch.tensor(values[:6]).view(2, 3), torch.tensor(values[6:])]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        return straight(params, torch.float32, None)
+
+    assert backward([float(v) for v in range(10)])
+    assert first.tolist() == list(range(10)) and all(p.grad is None for p in params)
+    assert optimizer._offload_boundary_param_ids == {0, 1}
+    optimizer.micro_step_id = 1  # accumulating: added
+    assert backward([1.0] * 10) and first.tolist() == [v + 1.0 for v in range(10)]
+    second = torch.zeros(10)
+    setattr(optimizer, key, slots_over(second))  # the map replaced: the new slots, the old buffer untouched
+    optimizer.micro_step_id = 0
+    assert backward([2.0] * 10) and second.tolist() == [2.0] * 10 and first.tolist() == [v + 1.0 for v in range(10)]
+    setattr(optimizer, key, {})  # no slots (offloaded state): declined, the gradients stay
+    assert not backward([3.0] * 10) and all(p.grad is not None for p in params)
+
+
 def test_reassign_after_the_update_repoints_only_what_is_not_a_view_in_order():
     """After the update DeepSpeed copies the fp32 partitions into the flat low-precision buffer and makes
     every partition a view of it again; `_reassign_partitions` copies and re-points (by DeepSpeed's own
