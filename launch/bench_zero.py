@@ -19,13 +19,15 @@ A mode is a DeepSpeed setting with optional variants joined by '+':
   +qlora          a 4-bit NF4 base (model.load_in_4bit=true)
 
 A peer (--peers) is plain transformers + peft (fp32 adapters, SDPA, r=16 on the seven projections, torch
-AdamW) under `accelerate` with the same DeepSpeed JSON ("none": no DeepSpeed), on random tokens of the
-same shape. Every launch is `torchrun --standalone --nproc_per_node <gpus>`; the trainer's launches read
-the same saved model (drawn once on the GPU, `model.name_or_path`), the same packed data (`--data`, a
-JSON/JSONL file, `max_seq_len` = --seq) at per-GPU micro-batch --micro, no accumulation, constant learning
-rate. Per launch, from the trainer's metrics.jsonl (median of the steps after --warmup): input tokens/s,
-forward+backward and optimizer seconds, peak allocated memory (rank 0), what the kernel census of the
-first step says ran, and the largest |loss - loss of the first trainer mode| over the common steps.
+AdamW) under `accelerate` with the same DeepSpeed JSON ("none": no DeepSpeed), on random tokens of the same
+shape; `+gc` recomputes every decoder layer (transformers' gradient checkpointing, non-reentrant), the
+like-for-like peer of the trainer's `+gc` rows. Every launch is `torchrun --standalone --nproc_per_node
+<gpus>`; the trainer's launches read the same saved model (drawn once on the GPU, `model.name_or_path`), the
+same packed data (`--data`, a JSON/JSONL file, `max_seq_len` = --seq) at per-GPU micro-batch --micro, no
+accumulation, constant learning rate. Per launch, from the trainer's metrics.jsonl (median of the steps
+after --warmup): input tokens/s, forward+backward and optimizer seconds, peak allocated memory (rank 0),
+what the kernel census of the first step says ran, and the largest |loss - loss of the first trainer mode|
+over the common steps.
 
 Output: the markdown table on stdout and in --out with provenance (GPU, versions, commit, date, every
 command), --out's .json the raw numbers, both rewritten after every launch. "vs no DeepSpeed" is a
@@ -109,9 +111,10 @@ def mode_overrides(mode: str, workdir: Path) -> dict[str, str]:
 
 
 def peer_entry(argv: list[str]) -> None:
-    """`_peer MODEL DS_JSON|none MICRO SEQ WARMUP STEPS OUT_JSON CPU`: HF+PEFT steps under accelerate."""
-    model_dir, ds_path, micro, seq, warmup, steps, out_json, cpu = argv
-    micro, seq, warmup, steps, cpu = int(micro), int(seq), int(warmup), int(steps), cpu == "1"
+    """`_peer MODEL DS_JSON|none MICRO SEQ WARMUP STEPS OUT_JSON CPU GC`: HF+PEFT steps under accelerate
+    (GC "1": transformers' gradient checkpointing on every decoder layer)."""
+    model_dir, ds_path, micro, seq, warmup, steps, out_json, cpu, gc = argv
+    micro, seq, warmup, steps, cpu, gc = int(micro), int(seq), int(warmup), int(steps), cpu == "1", gc == "1"
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
@@ -134,6 +137,8 @@ def peer_entry(argv: list[str]) -> None:
     acc = Accelerator(deepspeed_plugin=plugin, mixed_precision="bf16" if plugin and not cpu else "no")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager" if cpu else "sdpa")
     model.config.use_cache = False
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, opt = acc.prepare(model, opt)
@@ -155,8 +160,18 @@ def peer_entry(argv: list[str]) -> None:
         step = statistics.median(times[warmup:])
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         Path(out_json).write_text(json.dumps({"tokens_per_s": micro * seq * world / step, "step_s": step,
-                                              "peak_gib": peak, "loss": float(loss)}))
+                                              "peak_gib": peak, "loss": float(loss),
+                                              "recomputes": acc.unwrap_model(model).is_gradient_checkpointing}))
     acc.end_training()
+
+
+def peer_spec(spec: str) -> tuple[str, bool]:
+    """`zero3`, `none+gc`, ...: the peer's DeepSpeed config name (or "none") and whether it recomputes."""
+    ds, *variants = spec.split("+")
+    if variants not in ([], ["gc"]) or (ds != "none" and not (REPO / "ds_configs" / f"{ds}.json").is_file()):
+        raise SystemExit(f"unknown peer {spec!r}: a config of ds_configs/ (without .json) or 'none', "
+                         "optionally with '+gc'")
+    return ds, bool(variants)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,15 +302,17 @@ class Bench:
                "command": shlex.join(cmd), **trainer_numbers(out / "metrics.jsonl", a.warmup)}
         self.rows.append(row)
 
-    def peer(self, ds: str) -> None:
+    def peer(self, spec: str) -> None:
         a = self.args
-        out = self.work / f"peer_{ds}.json"
+        ds, gc = peer_spec(spec)
+        name = spec.replace("+", "_")
+        out = self.work / f"peer_{name}.json"
         out.unlink(missing_ok=True)
         ds_path = "none" if ds == "none" else str(REPO / "ds_configs" / f"{ds}.json")
         cmd = [*self.torchrun(), str(SELF), "_peer", str(self.model_dir()), ds_path, str(a.micro), str(a.seq),
-               str(a.warmup), str(a.steps), str(out), "1" if self.cpu else "0"]
-        rc, secs = run_logged(cmd, self.env, self.work / f"peer_{ds}.log", self.remaining() - 5)
-        row = {"kind": "HF+PEFT", "mode": ds, "rc": rc, "seconds": round(secs, 1), "command": shlex.join(cmd)}
+               str(a.warmup), str(a.steps), str(out), "1" if self.cpu else "0", "1" if gc else "0"]
+        rc, secs = run_logged(cmd, self.env, self.work / f"peer_{name}.log", self.remaining() - 5)
+        row = {"kind": "HF+PEFT", "mode": spec, "rc": rc, "seconds": round(secs, 1), "command": shlex.join(cmd)}
         if out.exists():
             row.update(json.loads(out.read_text()))
         self.rows.append(row)
@@ -403,7 +420,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated trainer modes, in order (the first is "
                    "the reference of the 'vs first' and loss columns)")
     p.add_argument("--peers", default="zero3,none", help="DeepSpeed configs for the HF+PEFT peer ('none' allowed; "
-                   "'' for no peer)")
+                   "'+gc' recomputes every layer; '' for no peer)")
     p.add_argument("--shape", default="llama3-8b", help="a directory of launch/shapes/")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--micro", type=int, default=2)
@@ -427,7 +444,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit("--repeat must be at least 1")
     modes = [m for m in args.modes.split(",") if m]
     jobs = [("trainer", m, k) for k in range(1, args.repeat + 1) for m in modes]
-    jobs += [("peer", d, 1) for d in args.peers.split(",") if d]
+    peers = [d for d in args.peers.split(",") if d]
+    for d in peers:
+        peer_spec(d)  # a typo fails now, not after the trainer launches
+    jobs += [("peer", d, 1) for d in peers]
     for i, (kind, what, rnd) in enumerate(jobs):
         per_launch = (time.monotonic() - bench.t0) / i if i else 0
         if bench.remaining() < max(30.0, 0.8 * per_launch):

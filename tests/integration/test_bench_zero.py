@@ -13,20 +13,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_bench_zero_runs_every_kind_of_row_on_cpu(tmp_path):
     """Trainer rows (no DeepSpeed; ZeRO-3 with a DeepSpeed setting changed by `@key=value`), two rounds of
-    them (`--repeat 2`: the modes in the given order each round), and the HF+PEFT peer under ZeRO-3. Each
+    them (`--repeat 2`: the modes in the given order each round), and the HF+PEFT peer under ZeRO-3, without
+and with recomputation (`+gc`: transformers' gradient checkpointing, on in the peer's model). Each
     DeepSpeed row gets its ratio to the row without DeepSpeed of the same round, and the summary lists
     both rounds' ratios."""
     out = tmp_path / "zero.md"
     z3 = "zero3@stage3_param_persistence_threshold=0"
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "bench_zero.py"), "--cpu", "--modes", f"none,{z3}",
-                           "--peers", "zero3", "--repeat", "2", "--warmup", "1", "--steps", "1",
+                           "--peers", "zero3,zero3+gc", "--repeat", "2", "--warmup", "1", "--steps", "1",
                            "--workdir", str(tmp_path / "work"), "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["kind"], r["mode"], r.get("round")) for r in rows] == [
         ("distsft", "none", 1), ("distsft", z3, 1), ("distsft", "none", 2), ("distsft", z3, 2),
-        ("HF+PEFT", "zero3", None)]
+        ("HF+PEFT", "zero3", None), ("HF+PEFT", "zero3+gc", None)]
+    assert [r["recomputes"] for r in rows[4:]] == [False, True]
     for row in rows:
         assert row["rc"] == 0 and row["tokens_per_s"] > 0, row
     for row in (rows[1], rows[3]):
