@@ -140,6 +140,15 @@ def peer_entry(argv: list[str]) -> None:
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()  # from_pretrained returns eval mode, where transformers skips the recomputation
+    # Entries into the first decoder layer's MLP: two a step where the layer is recomputed. A pre-hook, since
+    # torch's recomputation stops as soon as it has what the backward needs (the MLP's own end is never reached).
+    layer_calls = [0]
+
+    def count_entry(*_):
+        layer_calls[0] += 1
+
+    next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp")).register_forward_pre_hook(count_entry)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, opt = acc.prepare(model, opt)
     vocab = acc.unwrap_model(model).config.vocab_size  # (a DeepSpeed engine's `config` is its JSON)
@@ -161,7 +170,7 @@ def peer_entry(argv: list[str]) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         Path(out_json).write_text(json.dumps({"tokens_per_s": micro * seq * world / step, "step_s": step,
                                               "peak_gib": peak, "loss": float(loss),
-                                              "recomputes": acc.unwrap_model(model).is_gradient_checkpointing}))
+                                              "layer_forwards_per_step": layer_calls[0] / (warmup + steps)}))
     acc.end_training()
 
 
